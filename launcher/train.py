@@ -1,0 +1,124 @@
+"""lor2c-train: fine-tune with one YAML recipe, on N local processes or under torchrun/deepspeed/srun.
+
+    lor2c-train --config launcher/configs/minilm_lor2c.yaml [--set key=value ...]
+
+Without a launcher's environment (RANK/WORLD_SIZE), it starts `nproc` local processes itself through
+torch.distributed.run. Bad input is reported once, before any process starts or any file is written.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+PREFLIGHT_DONE = "LOR2C_PREFLIGHT_DONE"
+
+
+def parse_args(argv: list[str] | None):
+    parser = argparse.ArgumentParser(prog="lor2c-train", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="YAML training recipe")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a recipe value, dotted for sections (adapter.r=4); repeatable")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def preflight(cfg) -> None:
+    """Every check that needs no process group: model, architecture, adapter fit, data, output dir."""
+    from transformers import AutoConfig
+
+    from lor2c_ds.adapters.config import ConfigError
+    from lor2c_ds.data import load_splits
+    from lor2c_ds.engine import resolve_ds_config_path
+    from lor2c_ds.registry import ARCHITECTURES
+
+    model_dir = Path(cfg.model)
+    if not (model_dir / "config.json").is_file():
+        raise ConfigError(f"model directory {model_dir} does not exist or has no config.json")
+    model_config = AutoConfig.from_pretrained(model_dir)
+    if model_config.model_type not in ARCHITECTURES:
+        raise ConfigError(f"model type {model_config.model_type!r} is not supported; supported: "
+                          f"{sorted(ARCHITECTURES)} (lor2c_ds.register_architecture adds one)")
+    cfg.adapter.validate(num_blocks=model_config.num_hidden_layers, hidden=model_config.hidden_size)
+    resolve_ds_config_path(cfg.deepspeed)
+    load_splits(cfg.data, cfg.task, cfg.num_labels, cfg.seed)
+    out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output_dir {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not cfg.overwrite_output_dir:
+        raise ConfigError(f"output_dir {out} is not empty; choose another or set overwrite_output_dir=true")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn_local(nproc: int, argv: list[str]) -> int:
+    """Re-run this command on `nproc` local ranks through torch.distributed.run."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nproc}",
+           "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", "-m", "launcher.train", *argv]
+    env = dict(os.environ, **{PREFLIGHT_DONE: "1"})
+    return subprocess.call(cmd, env=env)
+
+
+def worker(cfg) -> int:
+    from lor2c_ds import engine
+    from lor2c_ds.train import run
+
+    rank, world = engine.init_distributed()
+    try:
+        results = run(cfg, rank, world)
+        if rank == 0:
+            report(cfg, results)
+    finally:
+        engine.shutdown()
+    return 0
+
+
+def report(cfg, results: dict) -> None:
+    print(results["trainable"])
+    metric = "accuracy" if cfg.task == "classification" else "perplexity"
+    before, after = results.get("before"), results["after"]
+    line = f"held-out {metric}: "
+    if before:
+        line += f"untuned {before[metric]:.4f} -> "
+    print(line + f"fine-tuned {after[metric]:.4f} ({results['steps']} steps, adapter in "
+          f"{Path(cfg.output_dir) / 'adapter'})")
+    print(json.dumps({"before": before, "after": after}))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from lor2c_ds.adapters.config import ConfigError
+    from lor2c_ds.config import load_config
+    from lor2c_ds.data import DataError
+
+    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    is_rank0 = os.environ.get("RANK", "0") == "0"
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if not os.environ.get(PREFLIGHT_DONE) and is_rank0:
+            preflight(cfg)
+    except (ConfigError, DataError) as e:
+        print(f"lor2c-train: error: {e}", file=sys.stderr)
+        return 2
+    if launched:
+        return worker(cfg)
+    if cfg.nproc > 1:
+        return spawn_local(cfg.nproc, argv)
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(free_port()))
+    return worker(cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

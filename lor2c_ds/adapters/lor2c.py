@@ -1,0 +1,117 @@
+"""LoR2C and ShareLoR2C: low-rank residual connections across spans of blocks.
+
+An adapter (A, B, start, end) reads the hidden state that enters block `start` and adds a low-rank
+image of it to the hidden state that leaves block `end`:
+
+    h_{end+1} = Block_end(... Block_start(h_start) ...) + s * B A D_p(h_start),    s = alpha / r
+
+A (r x d) Kaiming-uniform, B (d x r) zero: the model is unchanged at step 0. The delta is added after
+the block's own residual additions and norms, so it is part of the next block's input. The shortcut
+cannot be folded into the backbone (the blocks are non-linear); it costs 2 r d multiply-adds per token.
+
+ShareLoR2C: all spans of a share group use one A (stored once, under `shared_A.<group>`) and keep
+their own B; the gradient of the shared A is the sum over the group's spans.
+
+Routing: a pre-hook on block `start` records its input, a hook on block `end` adds the delta. That
+state lives in one forward only: it is reset when the model's forward starts and must be empty when
+it ends.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .lora import init_low_rank
+
+
+class LoR2CAdapter(nn.Module):
+    def __init__(self, hidden: int, r: int, alpha: float, dropout: float, start: int, end: int,
+                 shared_A: nn.Linear | None = None):
+        super().__init__()
+        self.start, self.end, self.scaling = start, end, alpha / r
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        if shared_A is None:
+            self.lora_A = nn.Linear(hidden, r, bias=False)
+        else:
+            self._shared = (shared_A,)  # a tuple: not a registered child, so stored once
+        self.lora_B = nn.Linear(r, hidden, bias=False)
+        init_low_rank(self.down, self.lora_B)
+
+    @property
+    def down(self) -> nn.Linear:
+        return self._shared[0] if hasattr(self, "_shared") else self.lora_A
+
+    def forward(self, h_start: torch.Tensor) -> torch.Tensor:
+        return self.lora_B(self.down(self.dropout(h_start))) * self.scaling
+
+
+def _hidden_of(args, kwargs) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _add_to_output(output, delta: torch.Tensor):
+    if isinstance(output, torch.Tensor):
+        return output + delta
+    return (output[0] + delta, *output[1:])  # blocks that return a tuple, hidden state first
+
+
+class LoR2CStack(nn.Module):
+    """All LoR2C adapters of one model, and the hooks that route the residual stream to them."""
+
+    def __init__(self, hidden: int, r: int, alpha: float, dropout: float,
+                 spans: list[tuple[int, int]], groups: list[list[int]] | None):
+        super().__init__()
+        self.shared_A = nn.ModuleDict()
+        group_of: dict[int, nn.Linear] = {}
+        for gi, starts in enumerate(groups or []):
+            self.shared_A[str(gi)] = nn.Linear(hidden, r, bias=False)
+            group_of.update({s: self.shared_A[str(gi)] for s in starts})
+        self.adapters = nn.ModuleDict({
+            f"{s}_{e}": LoR2CAdapter(hidden, r, alpha, dropout, s, e, group_of.get(s)) for s, e in spans
+        })
+        self._stream: dict[int, torch.Tensor] = {}
+        self._handles: list = []
+
+    def attach(self, model: nn.Module, blocks: nn.ModuleList) -> None:
+        if _activation_checkpointing(model) and any(
+                a.end > a.start for a in self.adapters.values()):
+            raise ValueError("activation checkpointing recomputes one block at a time, so it cannot "
+                             "replay a LoR2C span that crosses blocks; disable one of the two")
+        self._handles.append(model.register_forward_pre_hook(self._reset))
+        self._handles.append(model.register_forward_hook(self._check_consumed))
+        for adapter in self.adapters.values():
+            self._handles.append(blocks[adapter.start].register_forward_pre_hook(
+                self._recorder(adapter.start), with_kwargs=True))
+            self._handles.append(blocks[adapter.end].register_forward_hook(self._adder(adapter)))
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _reset(self, module, args):
+        self._stream.clear()
+
+    def _check_consumed(self, module, args, output):
+        pending = sorted(self._stream)
+        self._stream.clear()
+        if pending:
+            raise RuntimeError(f"LoR2C spans starting at blocks {pending} never reached their end block")
+
+    def _recorder(self, start: int):
+        def record(block, args, kwargs):
+            self._stream[start] = _hidden_of(args, kwargs)
+        return record
+
+    def _adder(self, adapter: LoR2CAdapter):
+        def add(block, args, output):
+            h_start = self._stream.pop(adapter.start)
+            return _add_to_output(output, adapter(h_start))
+        return add
+
+
+def _activation_checkpointing(model: nn.Module) -> bool:
+    for attr in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if attr in dir(type(model)):
+            return bool(getattr(model, attr))
+    return False

@@ -1,0 +1,54 @@
+"""LoRA: a low-rank update beside a frozen projection.
+
+    y = W x + b + s * B A D_p(x),    s = alpha / r
+
+A (r x d_in) starts Kaiming-uniform (a = sqrt 5), B (d_out x r) starts at zero, so the adapter is an
+exact no-op at step 0. Merged form: W' = W + s * B A.
+
+The frozen projection is left untouched: the adapter is a child module of it (`<proj>.lora_<target>`)
+and a forward hook adds its output, so backbone parameter names never change. For fused projections
+(GPT-2's c_attn holds q, k and v) the update lands on one output slice only.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def init_low_rank(down: nn.Linear, up: nn.Linear) -> None:
+    nn.init.kaiming_uniform_(down.weight, a=math.sqrt(5))
+    nn.init.zeros_(up.weight)
+
+
+class LoRA(nn.Module):
+    def __init__(self, in_features: int, out_features: int, r: int, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        self.r, self.scaling = r, alpha / r
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_A = nn.Linear(in_features, r, bias=False)
+        self.lora_B = nn.Linear(r, out_features, bias=False)
+        init_low_rank(self.lora_A, self.lora_B)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+
+    def delta_weight(self) -> torch.Tensor:
+        """s * B A, shaped (d_out, d_in) like nn.Linear.weight."""
+        return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+
+
+def attach_lora(proj: nn.Module, target: str, lora: LoRA, chunk: int = 0, chunks: int = 1):
+    """Register `lora` under `proj` and add its output (to slice `chunk` of `chunks` if fused)."""
+    proj.add_module(f"lora_{target}", lora)
+
+    def add_update(module, args, output):
+        delta = lora(args[0])
+        if chunks > 1:
+            width = delta.shape[-1]
+            delta = F.pad(delta, (chunk * width, (chunks - chunk - 1) * width))
+        return output + delta
+
+    return proj.register_forward_hook(add_update)

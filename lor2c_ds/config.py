@@ -1,0 +1,161 @@
+"""The training recipe's configuration: a YAML file, overridable with dotted `key=value` pairs."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .adapters.config import AdapterConfig, ConfigError
+
+TASKS = ("classification", "causal_lm")
+PRECISIONS = ("fp32", "bf16")
+DATA_FORMATS = ("auto", "polarity_csv", "csv", "json", "jsonl")
+
+
+@dataclass
+class DataConfig:
+    path: str = ""
+    format: str = "auto"  # polarity_csv: headerless "label","text" rows (Pang & Lee); csv/json/jsonl: named fields
+    text_field: str = "text"
+    label_field: str = "label"
+    eval_path: str | None = None  # a separate held-out file; otherwise `eval_fraction` of `path`
+    eval_fraction: float = 0.1
+    max_length: int = 128
+    max_train_examples: int | None = None
+    max_eval_examples: int | None = None
+
+
+@dataclass
+class TrainConfig:
+    model: str = ""  # a local directory (config, weights, tokenizer)
+    task: str = "classification"
+    num_labels: int = 2
+    data: DataConfig = field(default_factory=DataConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    deepspeed: str = "zero3"  # a name in ds_configs/ (zero2, zero3, zero3_offload) or a JSON path
+    precision: str = "fp32"
+    nproc: int = 1  # local processes started by lor2c-train when no launcher set up the ranks
+    output_dir: str = "runs/default"
+    overwrite_output_dir: bool = False
+    seed: int = 42
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.06
+    epochs: int = 1
+    max_steps: int | None = None  # optimizer steps; overrides epochs when set
+    global_batch_size: int = 32
+    micro_batch_size: int = 16
+    grad_clip: float = 1.0
+    log_every: int = 10
+    eval_every: int | None = None  # optimizer steps; None: evaluate at the end only
+    eval_before: bool = True  # evaluate the untuned model first, for comparison
+
+    def validate(self) -> None:
+        if not self.model:
+            raise ConfigError("model: a local model directory is required")
+        if self.task not in TASKS:
+            raise ConfigError(f"unknown task {self.task!r}; choose one of {list(TASKS)}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"unknown precision {self.precision!r}; choose one of {list(PRECISIONS)} "
+                              "(fp16 is not offered: bf16 trains without loss scaling)")
+        if not self.data.path:
+            raise ConfigError("data.path: a local data file is required")
+        if self.data.format not in DATA_FORMATS:
+            raise ConfigError(f"unknown data.format {self.data.format!r}; choose one of {list(DATA_FORMATS)}")
+        if not 0 < self.data.eval_fraction < 1:
+            raise ConfigError(f"data.eval_fraction must be in (0, 1), got {self.data.eval_fraction}")
+        for key in ("nproc", "global_batch_size", "micro_batch_size", "epochs", "log_every", "num_labels"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"{key} must be a positive integer, got {value!r}")
+        for key in ("max_steps", "eval_every"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, int) or value <= 0):
+                raise ConfigError(f"{key} must be a positive integer or null, got {value!r}")
+        if self.lr <= 0:
+            raise ConfigError(f"lr must be positive, got {self.lr}")
+        self.adapter.validate()
+
+    def check_world(self, world_size: int) -> int:
+        """Gradient-accumulation steps for `world_size` ranks; the global batch is fixed."""
+        per_step = self.micro_batch_size * world_size
+        if self.global_batch_size % per_step:
+            raise ConfigError(f"global_batch_size={self.global_batch_size} is not a multiple of "
+                              f"micro_batch_size x ranks = {self.micro_batch_size} x {world_size}")
+        return self.global_batch_size // per_step
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _build(cls, raw: dict[str, Any], where: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where or 'the config'} must be a mapping, got {type(raw).__name__}")
+    if cls is AdapterConfig:
+        try:
+            return AdapterConfig.from_dict(raw)
+        except TypeError as e:
+            raise ConfigError(f"adapter: {e}") from None
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {[where + k for k in unknown]}; "
+                          f"known keys{' under ' + where[:-1] if where else ''}: {sorted(known)}")
+    values = {}
+    for name, value in raw.items():
+        sub = {"data": DataConfig, "adapter": AdapterConfig}.get(name) if cls is TrainConfig else None
+        values[name] = _build(sub, value, f"{name}.") if sub else value
+    return cls(**values)
+
+
+def _set_dotted(raw: dict, assignment: str) -> None:
+    if "=" not in assignment:
+        raise ConfigError(f"--set expects key=value, got {assignment!r}")
+    key, value = assignment.split("=", 1)
+    *parents, leaf = key.strip().split(".")
+    node = raw
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: {part} is not a section")
+    node[leaf] = yaml.safe_load(value)
+
+
+def _expand_paths(cfg: TrainConfig) -> None:
+    from .assets import default_home
+
+    os.environ.setdefault("LOR2C_DS_HOME", str(default_home()))  # recipes name the asset cache by it
+    expand = lambda p: os.path.expandvars(os.path.expanduser(p)) if p else p  # noqa: E731
+    cfg.model = expand(cfg.model)
+    cfg.output_dir = expand(cfg.output_dir)
+    cfg.data.path = expand(cfg.data.path)
+    cfg.data.eval_path = expand(cfg.data.eval_path)
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> TrainConfig:
+    """Read a YAML recipe, apply `key=value` overrides, validate. `${VAR}` and `~` expand in paths."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of keys, not {type(raw).__name__}")
+        raw.pop("launch", None)  # the command line documented in the recipe itself
+    for assignment in overrides:
+        _set_dotted(raw, assignment)
+    try:
+        cfg = _build(TrainConfig, raw, "")
+    except TypeError as e:
+        raise ConfigError(str(e)) from None
+    _expand_paths(cfg)
+    cfg.validate()
+    return cfg

@@ -1,0 +1,176 @@
+"""Everything that knows DeepSpeed: config, process group, ZeRO-3 loading, the engine, checkpoints.
+
+The design point: ZeRO-3 partitions the frozen backbone across every rank, while the trainable
+tensors (adapters, shared low-rank matrices, task head) are pinned whole on every rank as ZeRO
+*persistent* parameters, chosen by role, not by size. Forward and backward never gather them; their
+gradients are reduce-scattered and their optimizer state is partitioned like any ZeRO parameter,
+and DeepSpeed re-gathers the updated values once per optimizer step.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+from pathlib import Path
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import deepspeed  # noqa: E402
+import deepspeed.comm as dist  # noqa: E402
+from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus  # noqa: E402
+from transformers.integrations import HfDeepSpeedConfig  # noqa: E402
+
+from .config import ConfigError, TrainConfig  # noqa: E402
+
+DS_CONFIG_DIR = Path(os.environ.get("LOR2C_DS_CONFIGS", Path(__file__).resolve().parents[1] / "ds_configs"))
+# Keys the training recipe owns; a DeepSpeed JSON that sets them differently is refused.
+_RECIPE_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                "gradient_clipping", "optimizer", "scheduler", "bf16", "fp16")
+
+
+def init_distributed() -> tuple[int, int]:
+    """Join the process group set up by the launcher (gloo on CPU, nccl on CUDA)."""
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+        torch.distributed.destroy_process_group()
+
+
+def resolve_ds_config_path(name: str) -> Path:
+    path = Path(name)
+    if path.suffix != ".json":
+        path = DS_CONFIG_DIR / f"{name}.json"
+    if not path.is_file():
+        known = sorted(p.stem for p in DS_CONFIG_DIR.glob("*.json"))
+        raise ConfigError(f"deepspeed config {name!r} not found (looked at {path}); named configs: {known}")
+    return path
+
+
+def build_ds_config(cfg: TrainConfig, world_size: int, total_steps: int) -> dict:
+    """The DeepSpeed JSON named by the recipe, completed with the recipe's batch, optimizer,
+    schedule and precision."""
+    path = resolve_ds_config_path(cfg.deepspeed)
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"deepspeed config {path} is not valid JSON: {e}") from None
+    clash = [k for k in _RECIPE_KEYS if k in ds]
+    if clash:
+        raise ConfigError(f"deepspeed config {path} sets {clash}; these come from the training recipe "
+                          "(global_batch_size, micro_batch_size, lr, precision, ...)")
+    ds.update({
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": cfg.check_world(world_size),
+        "train_batch_size": cfg.global_batch_size,
+        "gradient_clipping": cfg.grad_clip,
+        "bf16": {"enabled": cfg.precision == "bf16"},
+        "optimizer": {"type": "AdamW", "params": {
+            "lr": cfg.lr, "weight_decay": cfg.weight_decay, "betas": [0.9, 0.999], "eps": 1e-8,
+            "torch_adam": True}},
+        "scheduler": {"type": "WarmupDecayLR", "params": {
+            "total_num_steps": max(total_steps, 1), "warmup_min_lr": 0.0, "warmup_max_lr": cfg.lr,
+            "warmup_num_steps": int(cfg.warmup_ratio * total_steps), "warmup_type": "linear"}},
+    })
+    ds.setdefault("steps_per_print", 10**9)  # the recipe logs; keep DeepSpeed's own step log quiet
+    return ds
+
+
+def zero_stage(ds_config: dict) -> int:
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
+@contextlib.contextmanager
+def zero3_loading(ds_config: dict):
+    """Inside, transformers' `from_pretrained` builds the model under `deepspeed.zero.Init`: each rank
+    materialises only its partition of every weight."""
+    if zero_stage(ds_config) != 3:
+        yield
+        return
+    keep_alive = HfDeepSpeedConfig(copy.deepcopy(ds_config))  # transformers holds a weak reference
+    try:
+        yield
+    finally:
+        del keep_alive
+
+
+def initialize(model: torch.nn.Module, ds_config: dict):
+    """Build the DeepSpeed engine over the trainable parameters only, then pin them whole."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError("the model has no trainable parameters: apply adapters first")
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config)
+    _pin_trainable_whole(engine)
+    return engine
+
+
+def _pin_trainable_whole(engine) -> None:
+    if engine.zero_optimization_stage() != 3:
+        return  # below stage 3 no parameter is partitioned
+    persistent = engine.optimizer.parameter_offload.persistent_parameters  # also the optimizer's list
+    trainable = [p for p in engine.module.parameters() if p.requires_grad]
+    for p in trainable:
+        if not p.ds_persist:
+            p.ds_persist = True
+            persistent.append(p)
+    missing = [p for p in trainable if p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
+    if missing:
+        missing[0].all_gather(param_list=missing)
+
+
+def partition_report(engine) -> list[dict]:
+    """One row per parameter: full and local sizes, whether this rank holds it whole right now."""
+    rows = []
+    for name, p in engine.module.named_parameters():
+        if hasattr(p, "ds_tensor"):
+            local = p.ds_tensor.numel()
+            whole = p.ds_status == ZeroParamStatus.AVAILABLE and p.numel() == p.ds_numel
+            full = p.ds_numel
+        else:
+            local = full = p.numel()
+            whole = True
+        rows.append({"name": name, "numel": full, "local_numel": local, "whole": whole,
+                     "trainable": p.requires_grad})
+    return rows
+
+
+@contextlib.contextmanager
+def gathered_trainable(engine):
+    """The trainable parameters, whole, for reading (a no-op when they are pinned already)."""
+    params = [p for p in engine.module.parameters() if p.requires_grad]
+    if engine.zero_optimization_stage() == 3:
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            yield
+    else:
+        yield
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def broadcast_object(obj, src: int = 0):
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def save_checkpoint(engine, directory: str | os.PathLike, tag: str, client_state: dict | None = None) -> None:
+    """DeepSpeed's own checkpoint (optimizer, scheduler, RNG), frozen backbone left out."""
+    engine.save_checkpoint(str(directory), tag=tag, client_state=client_state or {},
+                           exclude_frozen_parameters=True)
+
+
+def load_checkpoint(engine, directory: str | os.PathLike, tag: str | None = None) -> dict:
+    _, client_state = engine.load_checkpoint(str(directory), tag=tag, load_module_strict=False)
+    return client_state or {}

@@ -1,0 +1,187 @@
+"""The fine-tuning recipe: config -> model + adapters -> engine -> training loop -> adapter checkpoint.
+
+Runs on every rank of an initialised process group. Rank 0 writes the logs (TensorBoard,
+`metrics.jsonl`) and shows the progress bar; every rank takes part in every collective.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.tensorboard import SummaryWriter
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+from . import engine as ds
+from .adapters import apply_adapters, save_adapters, trainable_summary
+from .config import TrainConfig
+from .data import Collator, eval_loader, load_splits, tokenize, train_loader
+
+log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def load_model(cfg: TrainConfig, ds_config: dict):
+    """The pretrained backbone (partitioned while it loads under ZeRO-3) with adapters attached."""
+    with ds.zero3_loading(ds_config):
+        if cfg.task == "classification":
+            model = AutoModelForSequenceClassification.from_pretrained(
+                cfg.model, num_labels=cfg.num_labels, dtype=torch.float32)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = model.config.eos_token_id
+    torch.manual_seed(cfg.seed)  # identical adapter initialisation on every rank
+    return apply_adapters(model, cfg.adapter)
+
+
+def load_tokenizer(path: str):
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def scored_labels(batch: dict, task: str) -> torch.Tensor:
+    """The targets aligned with the logits, -100 where nothing is scored (padding, filler rows)."""
+    labels = batch["labels"] if task == "classification" else batch["labels"][:, 1:]
+    labels = labels.clone()
+    labels[batch["valid"] == 0] = -100
+    return labels
+
+
+def summed_loss(logits: torch.Tensor, labels: torch.Tensor, task: str) -> torch.Tensor:
+    if task == "causal_lm":
+        logits = logits[:, :-1]
+    return F.cross_entropy(logits.float().flatten(0, -2), labels.flatten(), ignore_index=-100, reduction="sum")
+
+
+class MetricsLog:
+    """`metrics.jsonl` and TensorBoard, written by rank 0 only."""
+
+    def __init__(self, output_dir: Path, enabled: bool):
+        self.enabled = enabled
+        if enabled:
+            self.jsonl = open(output_dir / "metrics.jsonl", "a", buffering=1)
+            self.tb = SummaryWriter(str(output_dir / "tensorboard"))
+
+    def write(self, step: int, kind: str, values: dict) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps({"step": step, "kind": kind, **values}) + "\n")
+        for key, value in values.items():
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                self.tb.add_scalar(f"{kind}/{key}", value, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.jsonl.close()
+            self.tb.close()
+
+
+@torch.no_grad()
+def evaluate(engine, loader, task: str) -> dict:
+    engine.eval()
+    totals = torch.zeros(3, dtype=torch.float64)  # loss sum, targets, correct (classification)
+    for batch in loader:
+        logits = engine(input_ids=batch["input_ids"].to(engine.device),
+                        attention_mask=batch["attention_mask"].to(engine.device)).logits
+        labels = scored_labels(batch, task).to(logits.device)
+        correct = ((logits.argmax(-1) == labels).sum() if task == "classification" else torch.zeros(()))
+        totals += torch.stack([summed_loss(logits, labels, task), (labels != -100).sum(), correct]).double().cpu()
+    totals = ds.all_reduce_sum(totals.to(engine.device)).cpu()
+    engine.train()
+    loss = (totals[0] / totals[1]).item()
+    if task == "classification":
+        return {"loss": loss, "accuracy": (totals[2] / totals[1]).item(), "examples": int(totals[1])}
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": int(totals[1])}
+
+
+def run(cfg: TrainConfig, rank: int, world: int) -> dict:
+    """Train on this rank; returns the held-out metrics before and after (identical on all ranks)."""
+    seed_everything(cfg.seed)
+    out = Path(cfg.output_dir)
+    tokenizer = load_tokenizer(cfg.model)
+    data = tokenize(load_splits(cfg.data, cfg.task, cfg.num_labels, cfg.seed), tokenizer, cfg.data, cfg.task)
+    collate = Collator(tokenizer, cfg.task)
+    grad_accum = cfg.check_world(world)
+    steps_per_epoch = len(data["train"]) // cfg.global_batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(data['train'])} training examples do not fill one global batch of "
+                         f"{cfg.global_batch_size}")
+    total_steps = cfg.max_steps or steps_per_epoch * cfg.epochs
+
+    ds_config = ds.build_ds_config(cfg, world, total_steps)
+    model = load_model(cfg, ds_config)
+    engine = ds.initialize(model, ds_config)
+    if rank == 0:
+        log.info("%s", trainable_summary(engine.module))
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    metrics = MetricsLog(out, enabled=rank == 0)
+    evals = eval_loader(data["eval"], collate, cfg.micro_batch_size, rank, world)
+    results = {"trainable": trainable_summary(engine.module)}
+    if cfg.eval_before:
+        results["before"] = evaluate(engine, evals, cfg.task)
+        metrics.write(0, "eval", results["before"])
+
+    loader = train_loader(data["train"], collate, cfg.micro_batch_size, rank, world, cfg.seed)
+    engine.train()
+    bar = tqdm(total=total_steps, disable=rank != 0, desc="train", dynamic_ncols=True)
+    step, epoch, window_t, window_tokens = 0, 0, time.perf_counter(), 0.0
+    while step < total_steps:
+        loader.sampler.set_epoch(epoch)
+        batches = iter(loader)
+        for _ in range(min(steps_per_epoch, total_steps - step)):
+            micro = [{k: v.to(engine.device) for k, v in next(batches).items()} for _ in range(grad_accum)]
+            labels = [scored_labels(b, cfg.task) for b in micro]
+            # The loss is the mean over every target of the global batch, whatever the ranks and
+            # micro-steps: normalise by the global count (DeepSpeed averages gradients over both).
+            counts = ds.all_reduce_sum(torch.tensor(
+                [sum((y != -100).sum().item() for y in labels), sum(b["attention_mask"].sum().item() for b in micro)],
+                dtype=torch.float64, device=engine.device))
+            scale = world * grad_accum / max(counts[0].item(), 1.0)
+            loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)
+            for b, y in zip(micro, labels):
+                logits = engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+                loss = summed_loss(logits, y, cfg.task)
+                engine.backward(loss * scale)
+                engine.step()
+                loss_sum += loss.detach().double()
+            step_loss = ds.all_reduce_sum(loss_sum).item() / max(counts[0].item(), 1.0)
+            step += 1
+            window_tokens += counts[1].item()
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == total_steps:
+                elapsed = time.perf_counter() - window_t
+                values = {"loss": step_loss, "lr": engine.get_lr()[0],
+                          "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                          "tokens_per_s": window_tokens / elapsed, "epoch": epoch}
+                metrics.write(step, "train", values)
+                bar.set_postfix(loss=f"{values['loss']:.4f}")
+                window_t, window_tokens = time.perf_counter(), 0.0
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
+                metrics.write(step, "eval", evaluate(engine, evals, cfg.task))
+        epoch += 1
+    bar.close()
+
+    results["after"] = evaluate(engine, evals, cfg.task)
+    metrics.write(step, "eval", results["after"])
+    with ds.gathered_trainable(engine):
+        if rank == 0:
+            save_adapters(engine.module, out / "adapter")
+    metrics.close()
+    results["steps"] = step
+    return results
