@@ -1,5 +1,8 @@
 """lor2c-train: fine-tune with one YAML recipe, on N local processes or under torchrun/deepspeed/srun.
 
+Under torchrun or the deepspeed launcher (RANK/WORLD_SIZE set) or an srun step with one task per rank
+(SLURM_PROCID/SLURM_NTASKS), every process is one rank.
+
     lor2c-train --config launcher/configs/minilm_lor2c.yaml [--set key=value ...]
 
 Without a launcher's environment (RANK/WORLD_SIZE), it starts `nproc` local processes itself through
@@ -68,7 +71,33 @@ def spawn_local(nproc: int, argv: list[str]) -> int:
     return subprocess.call(cmd, env=env)
 
 
+def slurm_environment(env=os.environ) -> dict[str, str]:
+    """torch.distributed's variables from an srun step (one task per rank), or {} outside one.
+
+    The rendezvous host is the allocation's first node (its NodeAddr as SLURM knows it), the port is
+    derived from the job id so concurrent jobs on shared nodes do not collide; both can be preset."""
+    if "SLURM_PROCID" not in env or int(env.get("SLURM_NTASKS", "1")) < 2 or "SLURM_STEP_ID" not in env:
+        return {}
+    found = {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": env["SLURM_NTASKS"],
+             "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+             "MASTER_PORT": env.get("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))}
+    if "MASTER_ADDR" in env:
+        found["MASTER_ADDR"] = env["MASTER_ADDR"]
+    else:
+        first = subprocess.run(["scontrol", "show", "hostnames", env["SLURM_JOB_NODELIST"]], check=True,
+                               capture_output=True, text=True).stdout.split()[0]
+        node = subprocess.run(["scontrol", "show", "node", first], check=True, capture_output=True,
+                              text=True).stdout
+        addr = next((f.split("=", 1)[1] for f in node.split() if f.startswith("NodeAddr=")), first)
+        found["MASTER_ADDR"] = addr
+    return found
+
+
 def worker(cfg) -> int:
+    import warnings
+
+    # torch deprecates the collective names DeepSpeed still calls, once per call: keep the log readable
+    warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use", category=FutureWarning)
     from lor2c_ds import engine
     from lor2c_ds.train import run
 
@@ -102,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     from lor2c_ds.config import load_config
     from lor2c_ds.data import DataError
 
+    if "RANK" not in os.environ:
+        os.environ.update(slurm_environment())
     launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     is_rank0 = os.environ.get("RANK", "0") == "0"
     try:

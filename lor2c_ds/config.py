@@ -53,6 +53,7 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int | None = None  # optimizer steps; None: evaluate at the end only
     eval_before: bool = True  # evaluate the untuned model first, for comparison
+    save_every: int | None = None  # optimizer steps between DeepSpeed checkpoints (one is always written at the end)
 
     def validate(self) -> None:
         if not self.model:
@@ -72,7 +73,7 @@ class TrainConfig:
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"{key} must be a positive integer, got {value!r}")
-        for key in ("max_steps", "eval_every"):
+        for key in ("max_steps", "eval_every", "save_every"):
             value = getattr(self, key)
             if value is not None and (not isinstance(value, int) or value <= 0):
                 raise ConfigError(f"{key} must be a positive integer or null, got {value!r}")
@@ -108,8 +109,18 @@ def _build(cls, raw: dict[str, Any], where: str):
     values = {}
     for name, value in raw.items():
         sub = {"data": DataConfig, "adapter": AdapterConfig}.get(name) if cls is TrainConfig else None
-        values[name] = _build(sub, value, f"{name}.") if sub else value
+        values[name] = _build(sub, value, f"{name}.") if sub else _coerce(known[name], value, where)
     return cls(**values)
+
+
+def _coerce(spec: dataclasses.Field, value: Any, where: str) -> Any:
+    """YAML reads `1e-3` as a string (its floats need a dot); accept it where a float is expected."""
+    if spec.type in ("float", float) and isinstance(value, (str, int)) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{where}{spec.name} must be a number, got {value!r}") from None
+    return value
 
 
 def _set_dotted(raw: dict, assignment: str) -> None:

@@ -79,7 +79,7 @@ def build_ds_config(cfg: TrainConfig, world_size: int, total_steps: int) -> dict
             "torch_adam": True}},
         "scheduler": {"type": "WarmupDecayLR", "params": {
             "total_num_steps": max(total_steps, 1), "warmup_min_lr": 0.0, "warmup_max_lr": cfg.lr,
-            "warmup_num_steps": int(cfg.warmup_ratio * total_steps), "warmup_type": "linear"}},
+            "warmup_num_steps": max(1, int(cfg.warmup_ratio * total_steps)), "warmup_type": "linear"}},
     })
     ds.setdefault("steps_per_print", 10**9)  # the recipe logs; keep DeepSpeed's own step log quiet
     return ds
@@ -108,6 +108,11 @@ def initialize(model: torch.nn.Module, ds_config: dict):
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("the model has no trainable parameters: apply adapters first")
+    if ds_config.get("bf16", {}).get("enabled"):
+        # Under ZeRO-3 the backbone was built in bf16 by zero.Init; adapters created afterwards must
+        # match it. DeepSpeed keeps their fp32 master copies in the optimizer.
+        for p in trainable:
+            p.data = p.data.to(torch.bfloat16)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config)
     _pin_trainable_whole(engine)
     return engine
@@ -174,3 +179,7 @@ def save_checkpoint(engine, directory: str | os.PathLike, tag: str, client_state
 def load_checkpoint(engine, directory: str | os.PathLike, tag: str | None = None) -> dict:
     _, client_state = engine.load_checkpoint(str(directory), tag=tag, load_module_strict=False)
     return client_state or {}
+
+
+def barrier() -> None:
+    dist.barrier()

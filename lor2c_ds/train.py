@@ -33,8 +33,8 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def load_model(cfg: TrainConfig, ds_config: dict):
-    """The pretrained backbone (partitioned while it loads under ZeRO-3) with adapters attached."""
+def load_backbone(cfg: TrainConfig, ds_config: dict):
+    """The pretrained model, partitioned while it loads under ZeRO-3."""
     with ds.zero3_loading(ds_config):
         if cfg.task == "classification":
             model = AutoModelForSequenceClassification.from_pretrained(
@@ -43,6 +43,12 @@ def load_model(cfg: TrainConfig, ds_config: dict):
             model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = model.config.eos_token_id
+    return model
+
+
+def load_model(cfg: TrainConfig, ds_config: dict):
+    """The backbone with the recipe's adapters attached."""
+    model = load_backbone(cfg, ds_config)
     torch.manual_seed(cfg.seed)  # identical adapter initialisation on every rank
     return apply_adapters(model, cfg.adapter)
 
@@ -92,21 +98,38 @@ class MetricsLog:
 
 
 @torch.no_grad()
-def evaluate(engine, loader, task: str) -> dict:
-    engine.eval()
-    totals = torch.zeros(3, dtype=torch.float64)  # loss sum, targets, correct (classification)
+def _eval_totals(model, loader, task: str, device) -> torch.Tensor:
+    """(summed loss, scored targets, correct predictions) over this rank's shard."""
+    totals = torch.zeros(3, dtype=torch.float64)
     for batch in loader:
-        logits = engine(input_ids=batch["input_ids"].to(engine.device),
-                        attention_mask=batch["attention_mask"].to(engine.device)).logits
-        labels = scored_labels(batch, task).to(logits.device)
-        correct = ((logits.argmax(-1) == labels).sum() if task == "classification" else torch.zeros(()))
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        labels = scored_labels(batch, task)
+        correct = (logits.argmax(-1) == labels).sum() if task == "classification" else torch.zeros(())
         totals += torch.stack([summed_loss(logits, labels, task), (labels != -100).sum(), correct]).double().cpu()
-    totals = ds.all_reduce_sum(totals.to(engine.device)).cpu()
-    engine.train()
+    return totals
+
+
+def _summarize(totals: torch.Tensor, task: str) -> dict:
     loss = (totals[0] / totals[1]).item()
     if task == "classification":
         return {"loss": loss, "accuracy": (totals[2] / totals[1]).item(), "examples": int(totals[1])}
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": int(totals[1])}
+
+
+def evaluate(engine, loader, task: str) -> dict:
+    """Held-out metrics over all ranks' shards (every rank runs the same number of batches)."""
+    engine.eval()
+    totals = ds.all_reduce_sum(_eval_totals(engine, loader, task, engine.device).to(engine.device)).cpu()
+    engine.train()
+    return _summarize(totals, task)
+
+
+def evaluate_plain(model: torch.nn.Module, loader, task: str) -> dict:
+    """The same metrics for a plain single-process model (an export, a reloaded adapter)."""
+    model.eval()
+    device = next(model.parameters()).device
+    return _summarize(_eval_totals(model, loader, task, device), task)
 
 
 def run(cfg: TrainConfig, rank: int, world: int) -> dict:
@@ -153,6 +176,7 @@ def run(cfg: TrainConfig, rank: int, world: int) -> dict:
                 [sum((y != -100).sum().item() for y in labels), sum(b["attention_mask"].sum().item() for b in micro)],
                 dtype=torch.float64, device=engine.device))
             scale = world * grad_accum / max(counts[0].item(), 1.0)
+            lr = engine.get_lr()[0]  # the rate this step's update uses
             loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)
             for b, y in zip(micro, labels):
                 logits = engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
@@ -166,7 +190,7 @@ def run(cfg: TrainConfig, rank: int, world: int) -> dict:
             bar.update(1)
             if step % cfg.log_every == 0 or step == total_steps:
                 elapsed = time.perf_counter() - window_t
-                values = {"loss": step_loss, "lr": engine.get_lr()[0],
+                values = {"loss": step_loss, "lr": lr,
                           "grad_norm": float(engine.get_global_grad_norm() or 0.0),
                           "tokens_per_s": window_tokens / elapsed, "epoch": epoch}
                 metrics.write(step, "train", values)
@@ -174,11 +198,14 @@ def run(cfg: TrainConfig, rank: int, world: int) -> dict:
                 window_t, window_tokens = time.perf_counter(), 0.0
             if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
                 metrics.write(step, "eval", evaluate(engine, evals, cfg.task))
+            if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
+                ds.save_checkpoint(engine, out / "checkpoints", f"step_{step}", {"step": step, "epoch": epoch})
         epoch += 1
     bar.close()
 
     results["after"] = evaluate(engine, evals, cfg.task)
     metrics.write(step, "eval", results["after"])
+    ds.save_checkpoint(engine, out / "checkpoints", f"step_{step}", {"step": step, "epoch": epoch})
     with ds.gathered_trainable(engine):
         if rank == 0:
             save_adapters(engine.module, out / "adapter")
