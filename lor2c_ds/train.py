@@ -10,6 +10,7 @@ import logging
 import math
 import random
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -132,7 +133,77 @@ def evaluate_plain(model: torch.nn.Module, loader, task: str) -> dict:
     return _summarize(_eval_totals(model, loader, task, device), task)
 
 
-def run(cfg: TrainConfig, rank: int, world: int) -> dict:
+class Callback:
+    """Extension point for what acts during training: topology events, statistics, preemption.
+
+    Hooks run on every rank, in the same order, so they may use collectives. `state_dict` is saved
+    under the callback's `name` in every checkpoint and handed back to `load_state_dict` on resume.
+    """
+
+    name = "callback"
+
+    def on_train_start(self, run: "RunState") -> None: ...
+
+    def on_step_end(self, run: "RunState") -> None: ...
+
+    def on_train_end(self, run: "RunState") -> None: ...
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+@dataclass
+class RunState:
+    """What the loop and its callbacks share. A callback may replace `engine` (and must keep it valid)."""
+
+    cfg: TrainConfig
+    engine: object
+    rank: int
+    world: int
+    metrics: "MetricsLog"
+    total_steps: int
+    steps_per_epoch: int
+    step: int = 0
+    epoch: int = 0
+    stop: bool = False  # set by a callback to end the loop after this step
+    callbacks: list[Callback] = field(default_factory=list)
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.cfg.output_dir)
+
+    def client_state(self) -> dict:
+        return {"step": self.step, "epoch": self.epoch, **{c.name: c.state_dict() for c in self.callbacks}}
+
+    def save_checkpoint(self) -> None:
+        ds.save_checkpoint(self.engine, self.output_dir / "checkpoints", f"step_{self.step}", self.client_state())
+
+
+def train_step(engine, micro: list[dict], task: str, world: int) -> dict:
+    """One optimizer step over this rank's micro-batches of one global batch."""
+    labels = [scored_labels(b, task) for b in micro]
+    # The loss is the mean over every target of the global batch, whatever the ranks and
+    # micro-steps: normalise by the global count (DeepSpeed averages gradients over both).
+    counts = ds.all_reduce_sum(torch.tensor(
+        [sum((y != -100).sum().item() for y in labels), sum(b["attention_mask"].sum().item() for b in micro)],
+        dtype=torch.float64, device=engine.device))
+    targets = max(counts[0].item(), 1.0)
+    scale = world * len(micro) / targets
+    lr = engine.get_lr()[0]  # the rate this step's update uses
+    loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)
+    for b, y in zip(micro, labels):
+        logits = engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        loss = summed_loss(logits, y, task)
+        engine.backward(loss * scale)
+        engine.step()
+        loss_sum += loss.detach().double()
+    return {"loss": ds.all_reduce_sum(loss_sum).item() / targets, "lr": lr,
+            "grad_norm": float(engine.get_global_grad_norm() or 0.0), "tokens": counts[1].item()}
+
+
+def run(cfg: TrainConfig, rank: int, world: int, callbacks: list[Callback] = ()) -> dict:
     """Train on this rank; returns the held-out metrics before and after (identical on all ranks)."""
     seed_everything(cfg.seed)
     out = Path(cfg.output_dir)
@@ -147,68 +218,59 @@ def run(cfg: TrainConfig, rank: int, world: int) -> dict:
     total_steps = cfg.max_steps or steps_per_epoch * cfg.epochs
 
     ds_config = ds.build_ds_config(cfg, world, total_steps)
-    model = load_model(cfg, ds_config)
-    engine = ds.initialize(model, ds_config)
+    engine = ds.initialize(load_model(cfg, ds_config), ds_config)
     if rank == 0:
         log.info("%s", trainable_summary(engine.module))
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-    metrics = MetricsLog(out, enabled=rank == 0)
+    state = RunState(cfg, engine, rank, world, MetricsLog(out, enabled=rank == 0), total_steps, steps_per_epoch,
+                     callbacks=list(callbacks))
     evals = eval_loader(data["eval"], collate, cfg.micro_batch_size, rank, world)
     results = {"trainable": trainable_summary(engine.module)}
     if cfg.eval_before:
         results["before"] = evaluate(engine, evals, cfg.task)
-        metrics.write(0, "eval", results["before"])
+        state.metrics.write(0, "eval", results["before"])
+    for c in state.callbacks:
+        c.on_train_start(state)
 
     loader = train_loader(data["train"], collate, cfg.micro_batch_size, rank, world, cfg.seed)
-    engine.train()
+    state.engine.train()
     bar = tqdm(total=total_steps, disable=rank != 0, desc="train", dynamic_ncols=True)
-    step, epoch, window_t, window_tokens = 0, 0, time.perf_counter(), 0.0
-    while step < total_steps:
-        loader.sampler.set_epoch(epoch)
+    window_t, window_tokens = time.perf_counter(), 0.0
+    while state.step < total_steps and not state.stop:
+        loader.sampler.set_epoch(state.epoch)
         batches = iter(loader)
-        for _ in range(min(steps_per_epoch, total_steps - step)):
-            micro = [{k: v.to(engine.device) for k, v in next(batches).items()} for _ in range(grad_accum)]
-            labels = [scored_labels(b, cfg.task) for b in micro]
-            # The loss is the mean over every target of the global batch, whatever the ranks and
-            # micro-steps: normalise by the global count (DeepSpeed averages gradients over both).
-            counts = ds.all_reduce_sum(torch.tensor(
-                [sum((y != -100).sum().item() for y in labels), sum(b["attention_mask"].sum().item() for b in micro)],
-                dtype=torch.float64, device=engine.device))
-            scale = world * grad_accum / max(counts[0].item(), 1.0)
-            lr = engine.get_lr()[0]  # the rate this step's update uses
-            loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)
-            for b, y in zip(micro, labels):
-                logits = engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-                loss = summed_loss(logits, y, cfg.task)
-                engine.backward(loss * scale)
-                engine.step()
-                loss_sum += loss.detach().double()
-            step_loss = ds.all_reduce_sum(loss_sum).item() / max(counts[0].item(), 1.0)
-            step += 1
-            window_tokens += counts[1].item()
+        for _ in range(min(steps_per_epoch, total_steps - state.step)):
+            micro = [{k: v.to(state.engine.device) for k, v in next(batches).items()} for _ in range(grad_accum)]
+            values = train_step(state.engine, micro, cfg.task, world)
+            state.step += 1
+            window_tokens += values.pop("tokens")
             bar.update(1)
-            if step % cfg.log_every == 0 or step == total_steps:
-                elapsed = time.perf_counter() - window_t
-                values = {"loss": step_loss, "lr": lr,
-                          "grad_norm": float(engine.get_global_grad_norm() or 0.0),
-                          "tokens_per_s": window_tokens / elapsed, "epoch": epoch}
-                metrics.write(step, "train", values)
+            if state.step % cfg.log_every == 0 or state.step == total_steps:
+                values.update(tokens_per_s=window_tokens / (time.perf_counter() - window_t), epoch=state.epoch)
+                state.metrics.write(state.step, "train", values)
                 bar.set_postfix(loss=f"{values['loss']:.4f}")
                 window_t, window_tokens = time.perf_counter(), 0.0
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
-                metrics.write(step, "eval", evaluate(engine, evals, cfg.task))
-            if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
-                ds.save_checkpoint(engine, out / "checkpoints", f"step_{step}", {"step": step, "epoch": epoch})
-        epoch += 1
+            if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < total_steps:
+                state.metrics.write(state.step, "eval", evaluate(state.engine, evals, cfg.task))
+            for c in state.callbacks:
+                c.on_step_end(state)
+            if cfg.save_every and state.step % cfg.save_every == 0 and state.step < total_steps:
+                state.save_checkpoint()
+            if state.stop:
+                break
+        else:
+            state.epoch += 1
     bar.close()
 
-    results["after"] = evaluate(engine, evals, cfg.task)
-    metrics.write(step, "eval", results["after"])
-    ds.save_checkpoint(engine, out / "checkpoints", f"step_{step}", {"step": step, "epoch": epoch})
-    with ds.gathered_trainable(engine):
+    results["after"] = evaluate(state.engine, evals, cfg.task)
+    state.metrics.write(state.step, "eval", results["after"])
+    for c in state.callbacks:
+        c.on_train_end(state)
+    state.save_checkpoint()
+    with ds.gathered_trainable(state.engine):
         if rank == 0:
-            save_adapters(engine.module, out / "adapter")
-    metrics.close()
-    results["steps"] = step
+            save_adapters(state.engine.module, out / "adapter")
+    state.metrics.close()
+    results["steps"] = state.step
     return results

@@ -253,6 +253,9 @@ def test_share_lor2c_stores_A_once():
     names = [n for n, _ in model.named_parameters() if "lor2c" in n]
     a_names = [n for n in names if n.endswith("A.weight") or "shared_A" in n]
     assert a_names == ["lor2c.shared_A.0.weight"]
+    # once even without de-duplication: it is registered in one place only
+    all_names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
+    assert [n for n in all_names if "shared_A" in n or "lora_A" in n] == ["lor2c.shared_A.0.weight"]
     assert sorted(n for n in names if n.endswith("lora_B.weight")) == sorted(
         f"lor2c.adapters.{i}_{i}.lora_B.weight" for i in range(L))
     keys = [k for k in model.state_dict() if k.startswith("lor2c.")]

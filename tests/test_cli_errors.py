@@ -30,7 +30,6 @@ class Case:
     recipe: dict  # merged over the valid base recipe; None values delete the key
     data: str | None = None  # content of a data file `data.<data_ext>` in the case directory, used as data.path
     data_ext: str = "csv"
-    config_path: str | None = None  # --config argument instead of the written recipe (relative to the case dir)
     overrides: tuple[str, ...] = ()
 
 
@@ -125,7 +124,7 @@ def _run(case: Case, root: Path, model_dir: Path) -> dict:
         recipe["data"]["path"] = str(data_path)
     recipe = _fill(_merge(recipe, case.recipe), case_dir)
     (case_dir / "recipe.yaml").write_text(json.dumps(recipe, indent=1))  # JSON is YAML
-    config = case_dir / (case.config_path or "recipe.yaml")
+    config = case_dir / "recipe.yaml"
     before = _snapshot(out)
 
     env = {k: v for k, v in os.environ.items()
