@@ -33,6 +33,8 @@ def _read(path_str: str, cfg: DataConfig) -> datasets.Dataset:
     if path.stat().st_size == 0:
         raise DataError(f"data file {path} is empty")
     fmt = _format_of(cfg, path)
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # a parse failure is reported once, below
     try:
         if fmt == "polarity_csv":
             ds = datasets.load_dataset("csv", data_files=str(path), split="train", encoding="utf-8-sig",
@@ -44,6 +46,8 @@ def _read(path_str: str, cfg: DataConfig) -> datasets.Dataset:
     except Exception as e:  # the parsers raise many types; all mean the same to the user
         cause = e.__cause__ or e
         raise DataError(f"data file {path} could not be parsed as {fmt}: {type(cause).__name__}: {cause}") from None
+    finally:
+        datasets.logging.set_verbosity(verbosity)
     if len(ds) == 0:
         raise DataError(f"data file {path} holds no examples")
     return ds

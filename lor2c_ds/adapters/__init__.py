@@ -49,8 +49,9 @@ def apply_adapters(model: nn.Module, config: AdapterConfig) -> nn.Module:
                 proj = spec.projections[target]
                 module = block.get_submodule(proj.path)
                 d_in, d_out = projection_dims(module)
-                lora = LoRA(d_in, d_out // proj.chunks, config.r, config.alpha, config.dropout)
-                attach_lora(module, target, lora, proj.chunk, proj.chunks)
+                lora = LoRA(d_in, d_out // proj.chunks, config.r, config.alpha, config.dropout,
+                            proj.chunk, proj.chunks)
+                attach_lora(module, target, lora)
     else:
         spans = config.resolved_spans(len(blocks))
         groups = config.resolved_groups(len(blocks)) if config.method == "share_lor2c" else None

@@ -44,6 +44,12 @@ class AdapterConfig:
         unknown = sorted(set(raw) - known)
         if unknown:
             raise ConfigError(f"unknown adapter config key(s) {unknown}; known keys: {sorted(known)}")
+        for key in ("alpha", "dropout"):  # YAML reads 1e-1 as a string
+            if isinstance(raw.get(key), str):
+                try:
+                    raw = {**raw, key: float(raw[key])}
+                except ValueError:
+                    raise ConfigError(f"adapter.{key} must be a number, got {raw[key]!r}") from None
         cfg = cls(**raw)
         cfg.validate()
         return cfg

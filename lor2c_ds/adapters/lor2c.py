@@ -14,9 +14,13 @@ their own B; the gradient of the shared A is the sum over the group's spans.
 
 Routing: a pre-hook on block `start` records its input, a hook on block `end` adds the delta. That
 state lives in one forward only: it is reset when the model's forward starts and must be empty when
-it ends.
+it ends. transformers checkpoints a block's `forward`, not its `__call__`, so under activation
+checkpointing the hooks run once, outside the recomputed region (tests/test_adapters.py checks the
+gradients match).
 """
 from __future__ import annotations
+
+from functools import partial
 
 import torch
 from torch import nn
@@ -73,16 +77,13 @@ class LoR2CStack(nn.Module):
         self._handles: list = []
 
     def attach(self, model: nn.Module, blocks: nn.ModuleList) -> None:
-        if _activation_checkpointing(model) and any(
-                a.end > a.start for a in self.adapters.values()):
-            raise ValueError("activation checkpointing recomputes one block at a time, so it cannot "
-                             "replay a LoR2C span that crosses blocks; disable one of the two")
+        # Hooks are (partials of) bound methods, so a deep copy of the model rebinds them to its copy.
         self._handles.append(model.register_forward_pre_hook(self._reset))
         self._handles.append(model.register_forward_hook(self._check_consumed))
-        for adapter in self.adapters.values():
+        for key, adapter in self.adapters.items():
             self._handles.append(blocks[adapter.start].register_forward_pre_hook(
-                self._recorder(adapter.start), with_kwargs=True))
-            self._handles.append(blocks[adapter.end].register_forward_hook(self._adder(adapter)))
+                partial(self._record, adapter.start), with_kwargs=True))
+            self._handles.append(blocks[adapter.end].register_forward_hook(partial(self._add, key)))
 
     def detach(self) -> None:
         for h in self._handles:
@@ -98,20 +99,9 @@ class LoR2CStack(nn.Module):
         if pending:
             raise RuntimeError(f"LoR2C spans starting at blocks {pending} never reached their end block")
 
-    def _recorder(self, start: int):
-        def record(block, args, kwargs):
-            self._stream[start] = _hidden_of(args, kwargs)
-        return record
+    def _record(self, start: int, block, args, kwargs):
+        self._stream[start] = _hidden_of(args, kwargs)
 
-    def _adder(self, adapter: LoR2CAdapter):
-        def add(block, args, output):
-            h_start = self._stream.pop(adapter.start)
-            return _add_to_output(output, adapter(h_start))
-        return add
-
-
-def _activation_checkpointing(model: nn.Module) -> bool:
-    for attr in ("is_activation_checkpointing", "is_gradient_checkpointing"):
-        if attr in dir(type(model)):
-            return bool(getattr(model, attr))
-    return False
+    def _add(self, key: str, block, args, output):
+        adapter = self.adapters[key]
+        return _add_to_output(output, adapter(self._stream.pop(adapter.start)))

@@ -24,9 +24,11 @@ def init_low_rank(down: nn.Linear, up: nn.Linear) -> None:
 
 
 class LoRA(nn.Module):
-    def __init__(self, in_features: int, out_features: int, r: int, alpha: float, dropout: float = 0.0):
+    def __init__(self, in_features: int, out_features: int, r: int, alpha: float, dropout: float = 0.0,
+                 chunk: int = 0, chunks: int = 1):
         super().__init__()
         self.r, self.scaling = r, alpha / r
+        self.chunk, self.chunks = chunk, chunks  # the output slice of a fused projection it updates
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.lora_A = nn.Linear(in_features, r, bias=False)
         self.lora_B = nn.Linear(r, out_features, bias=False)
@@ -35,20 +37,20 @@ class LoRA(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
 
+    def add_to_output(self, proj: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
+        """Forward hook on the frozen projection (a bound method, so deep copies rebind it)."""
+        delta = self(args[0])
+        if self.chunks > 1:
+            width = delta.shape[-1]
+            delta = F.pad(delta, (self.chunk * width, (self.chunks - self.chunk - 1) * width))
+        return output + delta
+
     def delta_weight(self) -> torch.Tensor:
         """s * B A, shaped (d_out, d_in) like nn.Linear.weight."""
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
 
 
-def attach_lora(proj: nn.Module, target: str, lora: LoRA, chunk: int = 0, chunks: int = 1):
-    """Register `lora` under `proj` and add its output (to slice `chunk` of `chunks` if fused)."""
+def attach_lora(proj: nn.Module, target: str, lora: LoRA):
+    """Register `lora` under `proj` as `lora_<target>` and add its output to the projection's."""
     proj.add_module(f"lora_{target}", lora)
-
-    def add_update(module, args, output):
-        delta = lora(args[0])
-        if chunks > 1:
-            width = delta.shape[-1]
-            delta = F.pad(delta, (chunk * width, (chunks - chunk - 1) * width))
-        return output + delta
-
-    return proj.register_forward_hook(add_update)
+    return proj.register_forward_hook(lora.add_to_output)
