@@ -1,6 +1,6 @@
 """Step time of adapter methods against the floor, on N local ranks under DeepSpeed.
 
-    python -m launcher.bench --model DIR --task classification --methods floor,lor2c,lora --nproc 2
+    python -m launcher.bench --model DIR --task classification --methods floor,lor2c,lora --ranks 2
 
 The floor is the same model with no adapter but with backward through every activation: a single
 trainable d-vector added to the embedding output makes autograd traverse the whole block stack,
@@ -25,7 +25,7 @@ def parse_args(argv):
     p.add_argument("--model", required=True)
     p.add_argument("--task", default="classification", choices=["classification", "causal_lm"])
     p.add_argument("--methods", default="floor,lor2c")
-    p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--ranks", type=int, default=2)
     p.add_argument("--deepspeed", default="zero3")
     p.add_argument("--precision", default="fp32")
     p.add_argument("--r", type=int, default=8)
@@ -99,7 +99,7 @@ def main(argv=None) -> int:
         for round_ in range(args.rounds):
             for method in args.methods.split(","):
                 out = Path(tmp) / f"{method}-{round_}.json"
-                cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}",
+                cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.ranks}",
                        "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", "-m", "launcher.bench",
                        *argv, "--worker", f"{method}:{out}"]
                 proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
@@ -113,7 +113,7 @@ def main(argv=None) -> int:
     for method in args.methods.split(","):
         med = statistics.mean(r["median_s"] for r in results if r["method"] == method)
         ratio = f"{med / statistics.mean(floor):.3f}x" if floor else "-"
-        print(f"| {method} | {args.nproc} | {med:.4f} | {ratio} |")
+        print(f"| {method} | {args.ranks} | {med:.4f} | {ratio} |")
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))
     return 0

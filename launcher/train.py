@@ -36,6 +36,7 @@ def preflight(cfg) -> None:
     from transformers import AutoConfig
 
     from lor2c_ds.adapters.config import ConfigError
+    from lor2c_ds.checkpoint import latest_complete
     from lor2c_ds.data import load_splits
     from lor2c_ds.engine import resolve_ds_config_path
     from lor2c_ds.registry import ARCHITECTURES
@@ -54,7 +55,9 @@ def preflight(cfg) -> None:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output_dir {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not cfg.overwrite_output_dir:
-        raise ConfigError(f"output_dir {out} is not empty; choose another or set overwrite_output_dir=true")
+        if not (cfg.resume and latest_complete(out / "checkpoints")):
+            raise ConfigError(f"output_dir {out} is not empty and holds no complete checkpoint to resume from; "
+                              "choose another or set overwrite_output_dir=true")
 
 
 def free_port() -> int:

@@ -53,7 +53,9 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int | None = None  # optimizer steps; None: evaluate at the end only
     eval_before: bool = True  # evaluate the untuned model first, for comparison
-    save_every: int | None = None  # optimizer steps between DeepSpeed checkpoints (one is always written at the end)
+    save_every: int | None = None  # optimizer steps between checkpoints (one is always written at the end)
+    keep_checkpoints: int | None = None  # keep the newest K complete checkpoints; None keeps all
+    resume: bool = True  # continue from the newest complete checkpoint in output_dir/checkpoints
 
     def validate(self) -> None:
         if not self.model:
@@ -73,7 +75,7 @@ class TrainConfig:
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"{key} must be a positive integer, got {value!r}")
-        for key in ("max_steps", "eval_every", "save_every"):
+        for key in ("max_steps", "eval_every", "save_every", "keep_checkpoints"):
             value = getattr(self, key)
             if value is not None and (not isinstance(value, int) or value <= 0):
                 raise ConfigError(f"{key} must be a positive integer or null, got {value!r}")

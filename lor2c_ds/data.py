@@ -1,6 +1,7 @@
 """Datasets: local files through `datasets`, tokenized, sharded so the global batch is rank-independent."""
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 
@@ -122,11 +123,27 @@ class Collator:
         return dict(batch)
 
 
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler that can start `skip` samples into its epoch (a resumed run's position)."""
+
+    skip = 0
+
+    def __iter__(self):
+        return itertools.islice(super().__iter__(), self.skip, None)
+
+    def __len__(self):
+        return super().__len__() - self.skip
+
+
 def train_loader(ds, collate, micro_batch: int, rank: int, world: int, seed: int) -> DataLoader:
     """Rank `rank`'s micro-batches. Step k of any world size covers the same `global_batch` examples:
-    the sampler deals one shuffled order round-robin across ranks."""
-    sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
-    return DataLoader(ds, batch_size=micro_batch, sampler=sampler, collate_fn=collate, drop_last=True)
+    the sampler deals one shuffled order (fixed by seed and epoch) round-robin across ranks; the tail
+    of an epoch that does not fill a global batch is left out of that epoch."""
+    sampler = ResumableSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
+    # Its own generator: iterating a DataLoader draws a seed, which must not move the global RNG
+    # (dropout), or a resumed run would diverge from the one that did not stop.
+    return DataLoader(ds, batch_size=micro_batch, sampler=sampler, collate_fn=collate, drop_last=True,
+                      generator=torch.Generator().manual_seed(seed))
 
 
 class _EvalShard(torch.utils.data.Dataset):
@@ -147,4 +164,5 @@ class _EvalShard(torch.utils.data.Dataset):
 
 
 def eval_loader(ds, collate, batch: int, rank: int, world: int) -> DataLoader:
-    return DataLoader(_EvalShard(ds, rank, world), batch_size=batch, shuffle=False, collate_fn=collate)
+    return DataLoader(_EvalShard(ds, rank, world), batch_size=batch, shuffle=False, collate_fn=collate,
+                      generator=torch.Generator().manual_seed(0))  # leaves the global RNG alone

@@ -170,10 +170,11 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
-def save_checkpoint(engine, directory: str | os.PathLike, tag: str, client_state: dict | None = None) -> None:
-    """DeepSpeed's own checkpoint (optimizer, scheduler, RNG), frozen backbone left out."""
+def save_checkpoint(engine, directory: str | os.PathLike, tag: str, client_state: dict | None = None,
+                    save_latest: bool = True) -> None:
+    """DeepSpeed's own checkpoint (trainable weights, optimizer, scheduler), frozen backbone left out."""
     engine.save_checkpoint(str(directory), tag=tag, client_state=client_state or {},
-                           exclude_frozen_parameters=True)
+                           exclude_frozen_parameters=True, save_latest=save_latest)
 
 
 def load_checkpoint(engine, directory: str | os.PathLike, tag: str | None = None) -> dict:

@@ -20,8 +20,10 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+from . import checkpoint
 from . import engine as ds
 from .adapters import apply_adapters, save_adapters, trainable_summary
+from .callbacks import Callback
 from .config import TrainConfig
 from .data import Collator, eval_loader, load_splits, tokenize, train_loader
 
@@ -133,27 +135,6 @@ def evaluate_plain(model: torch.nn.Module, loader, task: str) -> dict:
     return _summarize(_eval_totals(model, loader, task, device), task)
 
 
-class Callback:
-    """Extension point for what acts during training: topology events, statistics, preemption.
-
-    Hooks run on every rank, in the same order, so they may use collectives. `state_dict` is saved
-    under the callback's `name` in every checkpoint and handed back to `load_state_dict` on resume.
-    """
-
-    name = "callback"
-
-    def on_train_start(self, run: "RunState") -> None: ...
-
-    def on_step_end(self, run: "RunState") -> None: ...
-
-    def on_train_end(self, run: "RunState") -> None: ...
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None: ...
-
-
 @dataclass
 class RunState:
     """What the loop and its callbacks share. A callback may replace `engine` (and must keep it valid)."""
@@ -162,7 +143,7 @@ class RunState:
     engine: object
     rank: int
     world: int
-    metrics: "MetricsLog"
+    metrics: "MetricsLog | None"
     total_steps: int
     steps_per_epoch: int
     step: int = 0
@@ -174,11 +155,13 @@ class RunState:
     def output_dir(self) -> Path:
         return Path(self.cfg.output_dir)
 
-    def client_state(self) -> dict:
-        return {"step": self.step, "epoch": self.epoch, **{c.name: c.state_dict() for c in self.callbacks}}
+    def run_state(self) -> dict:
+        return {"step": self.step, "epoch": self.epoch, "world": self.world,
+                "callbacks": {c.name: c.state_dict() for c in self.callbacks}}
 
-    def save_checkpoint(self) -> None:
-        ds.save_checkpoint(self.engine, self.output_dir / "checkpoints", f"step_{self.step}", self.client_state())
+    def save_checkpoint(self) -> Path:
+        return checkpoint.save(self.engine, self.output_dir / "checkpoints", f"step_{self.step}", self.run_state(),
+                               self.rank, keep=self.cfg.keep_checkpoints)
 
 
 def train_step(engine, micro: list[dict], task: str, world: int) -> dict:
@@ -217,17 +200,34 @@ def run(cfg: TrainConfig, rank: int, world: int, callbacks: list[Callback] = ())
                          f"{cfg.global_batch_size}")
     total_steps = cfg.max_steps or steps_per_epoch * cfg.epochs
 
+    callbacks = list(callbacks)
+    ckpt_root = out / "checkpoints"
+    resume_tag = checkpoint.latest_complete(ckpt_root) if cfg.resume and not cfg.overwrite_output_dir else None
+    restored = checkpoint.read_run_state(ckpt_root, resume_tag) if resume_tag else None
+    for c in callbacks:
+        if restored:
+            c.load_state_dict(restored["callbacks"].get(c.name, {}))
+
     ds_config = ds.build_ds_config(cfg, world, total_steps)
-    engine = ds.initialize(load_model(cfg, ds_config), ds_config)
+    model = load_model(cfg, ds_config)
+    for c in callbacks:
+        model = c.configure_model(model)
+    engine = ds.initialize(model, ds_config)
+    state = RunState(cfg, engine, rank, world, None, total_steps, steps_per_epoch, callbacks=callbacks)
+    if restored:
+        checkpoint.restore(engine, ckpt_root, resume_tag, rank)
+        state.step, state.epoch = restored["step"], restored["epoch"]
+        log.info("resumed from %s at step %d (epoch %d)", ckpt_root / resume_tag, state.step, state.epoch)
     if rank == 0:
         log.info("%s", trainable_summary(engine.module))
+        log.info("global batch %d = micro batch %d x %d accumulation steps x %d ranks; %d steps",
+                 cfg.global_batch_size, cfg.micro_batch_size, grad_accum, world, total_steps)
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-    state = RunState(cfg, engine, rank, world, MetricsLog(out, enabled=rank == 0), total_steps, steps_per_epoch,
-                     callbacks=list(callbacks))
+    state.metrics = MetricsLog(out, enabled=rank == 0)
     evals = eval_loader(data["eval"], collate, cfg.micro_batch_size, rank, world)
     results = {"trainable": trainable_summary(engine.module)}
-    if cfg.eval_before:
+    if cfg.eval_before and not restored:
         results["before"] = evaluate(engine, evals, cfg.task)
         state.metrics.write(0, "eval", results["before"])
     for c in state.callbacks:
@@ -235,15 +235,19 @@ def run(cfg: TrainConfig, rank: int, world: int, callbacks: list[Callback] = ())
 
     loader = train_loader(data["train"], collate, cfg.micro_batch_size, rank, world, cfg.seed)
     state.engine.train()
-    bar = tqdm(total=total_steps, disable=rank != 0, desc="train", dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=state.step, disable=rank != 0, desc="train", dynamic_ncols=True)
     window_t, window_tokens = time.perf_counter(), 0.0
     while state.step < total_steps and not state.stop:
+        done_in_epoch = state.step - state.epoch * steps_per_epoch  # > 0 when resuming mid-epoch
         loader.sampler.set_epoch(state.epoch)
+        loader.sampler.skip = done_in_epoch * grad_accum * cfg.micro_batch_size
         batches = iter(loader)
-        for _ in range(min(steps_per_epoch, total_steps - state.step)):
+        for _ in range(min(steps_per_epoch - done_in_epoch, total_steps - state.step)):
             micro = [{k: v.to(state.engine.device) for k, v in next(batches).items()} for _ in range(grad_accum)]
             values = train_step(state.engine, micro, cfg.task, world)
             state.step += 1
+            if state.step == (state.epoch + 1) * steps_per_epoch:
+                state.epoch += 1
             window_tokens += values.pop("tokens")
             bar.update(1)
             if state.step % cfg.log_every == 0 or state.step == total_steps:
@@ -259,8 +263,6 @@ def run(cfg: TrainConfig, rank: int, world: int, callbacks: list[Callback] = ())
                 state.save_checkpoint()
             if state.stop:
                 break
-        else:
-            state.epoch += 1
     bar.close()
 
     results["after"] = evaluate(state.engine, evals, cfg.task)
@@ -268,9 +270,10 @@ def run(cfg: TrainConfig, rank: int, world: int, callbacks: list[Callback] = ())
     for c in state.callbacks:
         c.on_train_end(state)
     state.save_checkpoint()
-    with ds.gathered_trainable(state.engine):
-        if rank == 0:
-            save_adapters(state.engine.module, out / "adapter")
+    if state.step == total_steps:  # a run stopped early (preemption) leaves only its checkpoint
+        with ds.gathered_trainable(state.engine):
+            if rank == 0:
+                save_adapters(state.engine.module, out / "adapter")
     state.metrics.close()
     results["steps"] = state.step
     return results
