@@ -186,7 +186,13 @@ def train_step(engine, micro: list[dict], task: str, world: int) -> dict:
             "grad_norm": float(engine.get_global_grad_norm() or 0.0), "tokens": counts[1].item()}
 
 
-def run(cfg: TrainConfig, rank: int, world: int, callbacks: list[Callback] = ()) -> dict:
+def default_callbacks(cfg: TrainConfig) -> list[Callback]:
+    """The callbacks a recipe implies: each feature that acts during training adds its own here."""
+    callbacks: list[Callback] = []
+    return callbacks
+
+
+def run(cfg: TrainConfig, rank: int, world: int, callbacks: list[Callback] | None = None) -> dict:
     """Train on this rank; returns the held-out metrics before and after (identical on all ranks)."""
     seed_everything(cfg.seed)
     out = Path(cfg.output_dir)
@@ -200,7 +206,7 @@ def run(cfg: TrainConfig, rank: int, world: int, callbacks: list[Callback] = ())
                          f"{cfg.global_batch_size}")
     total_steps = cfg.max_steps or steps_per_epoch * cfg.epochs
 
-    callbacks = list(callbacks)
+    callbacks = default_callbacks(cfg) if callbacks is None else list(callbacks)
     ckpt_root = out / "checkpoints"
     resume_tag = checkpoint.latest_complete(ckpt_root) if cfg.resume and not cfg.overwrite_output_dir else None
     restored = checkpoint.read_run_state(ckpt_root, resume_tag) if resume_tag else None
