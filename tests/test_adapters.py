@@ -94,8 +94,8 @@ def adapters_of(model, alpha: float, r: int):
     """(start, end, A, B, s) for every LoR2C adapter of `model`, s computed independently."""
     out = []
     for key, adapter in model.lor2c.adapters.items():
-        start, end = map(int, key.split("_"))
-        assert (adapter.start, adapter.end) == (start, end)
+        start, end = adapter.start, adapter.end
+        assert key == str(start)
         out.append((start, end, adapter.down.weight.detach(), adapter.lora_B.weight.detach(), alpha / r))
     return out
 
@@ -195,7 +195,8 @@ def test_lor2c_bert_matches_manual_loop(spans, method):
     apply_adapters(model, AdapterConfig(method=method, r=r, alpha=alpha, spans=spans))
     randomize_B(model)
     expected_spans = [(i, i) for i in range(L)] if spans is None else [tuple(s) for s in spans]
-    assert sorted(model.lor2c.adapters) == sorted(f"{s}_{e}" for s, e in expected_spans)
+    assert sorted(model.lor2c.adapters) == sorted(str(s) for s, _ in expected_spans)
+    assert sorted((a.start, a.end) for a in model.lor2c.adapters.values()) == sorted(map(tuple, expected_spans))
     with torch.no_grad():
         got = model.bert(input_ids=ids).last_hidden_state
         want = bert_reference(base, ids, adapters_of(model, alpha, r))
@@ -237,7 +238,7 @@ def test_lor2c_delta_of_one_block_feeds_the_next():
     with torch.no_grad():
         model(input_ids=ids)
         before = seen["in"]
-        model.lor2c.adapters["0_0"].lora_B.weight.normal_()
+        model.lor2c.adapters["0"].lora_B.weight.normal_()
         model(input_ids=ids)
     assert not torch.allclose(before, seen["in"], atol=1e-3)
 
@@ -257,7 +258,7 @@ def test_share_lor2c_stores_A_once():
     all_names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
     assert [n for n in all_names if "shared_A" in n or "lora_A" in n] == ["lor2c.shared_A.0.weight"]
     assert sorted(n for n in names if n.endswith("lora_B.weight")) == sorted(
-        f"lor2c.adapters.{i}_{i}.lora_B.weight" for i in range(L))
+        f"lor2c.adapters.{i}.lora_B.weight" for i in range(L))
     keys = [k for k in model.state_dict() if k.startswith("lor2c.")]
     assert [k for k in keys if "lora_A" in k or "shared_A" in k] == ["lor2c.shared_A.0.weight"]
     shared = model.lor2c.shared_A["0"]
@@ -272,8 +273,8 @@ def test_share_lor2c_groups_one_A_per_group():
     shared = [n for n, _ in model.named_parameters() if "shared_A" in n]
     assert shared == ["lor2c.shared_A.0.weight", "lor2c.shared_A.1.weight"]  # [0, 1] and the rest, [2]
     ad = model.lor2c.adapters
-    assert ad["0_0"].down is ad["1_1"].down is model.lor2c.shared_A["0"]
-    assert ad["2_2"].down is model.lor2c.shared_A["1"]
+    assert ad["0"].down is ad["1"].down is model.lor2c.shared_A["0"]
+    assert ad["2"].down is model.lor2c.shared_A["1"]
     assert trainable_count(model) == 2 * r * D + L * r * D
 
 
@@ -586,9 +587,9 @@ def test_load_mismatched_weights_names_them(tmp_path):
     from safetensors.torch import load_file, save_file
     save_adapters(apply_adapters(make_model("bert"), AdapterConfig(method="lor2c", r=4)), tmp_path)
     state = load_file(str(tmp_path / WEIGHTS_NAME))
-    state.pop("lor2c.adapters.1_1.lora_B.weight")
+    state.pop("lor2c.adapters.1.lora_B.weight")
     save_file(state, str(tmp_path / WEIGHTS_NAME))
-    with pytest.raises(ValueError, match=r"missing \['lor2c.adapters.1_1.lora_B.weight'\]"):
+    with pytest.raises(ValueError, match=r"missing \['lor2c.adapters.1.lora_B.weight'\]"):
         load_adapters(make_model("bert"), tmp_path)
 
 

@@ -12,9 +12,12 @@ cannot be folded into the backbone (the blocks are non-linear); it costs 2 r d m
 ShareLoR2C: all spans of a share group use one A (stored once, under `shared_A.<group>`) and keep
 their own B; the gradient of the shared A is the sum over the group's spans.
 
-Routing: a pre-hook on block `start` records its input, a hook on block `end` adds the delta. That
-state lives in one forward only: it is reset when the model's forward starts and must be empty when
-it ends. transformers checkpoints a block's `forward`, not its `__call__`, so under activation
+Routing: every block has a pre-hook that records its input when an adapter starts there and a hook
+that adds the deltas of the adapters ending there; the tables behind them follow the current
+topology (MergeLoR2C lengthens a span, InjectLoR2C retires one: see lor2c_ds/topology.py). Adapters
+are keyed by their first start block and keep their parameters when the topology changes. The
+recorded inputs live in one forward only: they are reset when the model's forward starts and must
+all be consumed when it ends. transformers checkpoints a block's `forward`, not its `__call__`, so under activation
 checkpointing the hooks run once, outside the recomputed region (tests/test_adapters.py checks the
 gradients match).
 """
@@ -33,6 +36,7 @@ class LoR2CAdapter(nn.Module):
                  shared_A: nn.Linear | None = None):
         super().__init__()
         self.start, self.end, self.scaling = start, end, alpha / r
+        self.active = True  # False once merged into its lower neighbour or swapped for attention LoRA
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         if shared_A is None:
             self.lora_A = nn.Linear(hidden, r, bias=False)
@@ -71,24 +75,38 @@ class LoR2CStack(nn.Module):
             self.shared_A[str(gi)] = nn.Linear(hidden, r, bias=False)
             group_of.update({s: self.shared_A[str(gi)] for s in starts})
         self.adapters = nn.ModuleDict({
-            f"{s}_{e}": LoR2CAdapter(hidden, r, alpha, dropout, s, e, group_of.get(s)) for s, e in spans
+            str(s): LoR2CAdapter(hidden, r, alpha, dropout, s, e, group_of.get(s)) for s, e in spans
         })
         self._stream: dict[int, torch.Tensor] = {}
-        self._handles: list = []
+        self.route()
+
+    def route(self) -> None:
+        """Rebuild the block -> adapter tables from the adapters' spans and active flags."""
+        active = [(key, a) for key, a in self.adapters.items() if a.active]
+        self._starts = {a.start for _, a in active}
+        self._ends: dict[int, list[str]] = {}
+        for key, a in active:
+            self._ends.setdefault(a.end, []).append(key)
 
     def attach(self, model: nn.Module, blocks: nn.ModuleList) -> None:
-        # Hooks are (partials of) bound methods, so a deep copy of the model rebinds them to its copy.
-        self._handles.append(model.register_forward_pre_hook(self._reset))
-        self._handles.append(model.register_forward_hook(self._check_consumed))
-        for key, adapter in self.adapters.items():
-            self._handles.append(blocks[adapter.start].register_forward_pre_hook(
-                partial(self._record, adapter.start), with_kwargs=True))
-            self._handles.append(blocks[adapter.end].register_forward_hook(partial(self._add, key)))
+        # Hooks are partials of bound methods, so a deep copy of the model rebinds them to its copy.
+        model.register_forward_pre_hook(self._reset)
+        model.register_forward_hook(self._check_consumed)
+        for index, block in enumerate(blocks):
+            block.register_forward_pre_hook(partial(self._record, index), with_kwargs=True)
+            block.register_forward_hook(partial(self._add, index))
 
-    def detach(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+    def topology(self) -> dict[str, list]:
+        """{adapter key: [start, end, active]}: what a checkpoint must restore."""
+        return {key: [a.start, a.end, a.active] for key, a in self.adapters.items()}
+
+    def set_topology(self, topology: dict[str, list]) -> None:
+        if set(topology) != set(self.adapters):
+            raise ValueError(f"topology names adapters {sorted(topology)}, the model has {sorted(self.adapters)}")
+        for key, (start, end, active) in topology.items():
+            adapter = self.adapters[key]
+            adapter.start, adapter.end, adapter.active = int(start), int(end), bool(active)
+        self.route()
 
     def _reset(self, module, args):
         self._stream.clear()
@@ -99,9 +117,17 @@ class LoR2CStack(nn.Module):
         if pending:
             raise RuntimeError(f"LoR2C spans starting at blocks {pending} never reached their end block")
 
-    def _record(self, start: int, block, args, kwargs):
-        self._stream[start] = _hidden_of(args, kwargs)
+    def _record(self, index: int, block, args, kwargs):
+        if index in self._starts:
+            self._stream[index] = _hidden_of(args, kwargs)
 
-    def _add(self, key: str, block, args, output):
-        adapter = self.adapters[key]
-        return _add_to_output(output, adapter(self._stream.pop(adapter.start)))
+    def _add(self, index: int, block, args, output):
+        keys = self._ends.get(index)
+        if not keys:
+            return None
+        delta = None
+        for key in keys:
+            adapter = self.adapters[key]
+            d = adapter(self._stream.pop(adapter.start))
+            delta = d if delta is None else delta + d
+        return _add_to_output(output, delta)
