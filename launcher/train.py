@@ -66,12 +66,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def spawn_local(nproc: int, argv: list[str]) -> int:
-    """Re-run this command on `nproc` local ranks through torch.distributed.run."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nproc}",
-           "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", "-m", "launcher.train", *argv]
+def spawn_local(nproc: int, argv: list[str], nodes: list[str] | None = None) -> int:
+    """Re-run this command on `nproc` local ranks through torch.distributed.run (`nodes`: its
+    multi-node arguments, for one launcher task per SLURM node)."""
+    import signal
+
+    nodes = nodes or ["--nnodes=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", *nodes, f"--nproc_per_node={nproc}",
+           "-m", "launcher.train", *argv]
     env = dict(os.environ, **{PREFLIGHT_DONE: "1"})
-    return subprocess.call(cmd, env=env)
+    # torchrun inherits an ignored SIGUSR1 (the ranks install their own handler). SIGTERM: SLURM signals
+    # every process of the step; elsewhere it is passed on. Either way this process reports the exit code.
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    child = subprocess.Popen(cmd, env=env)
+    in_step = "SLURM_STEP_ID" in os.environ
+    signal.signal(signal.SIGTERM, lambda *_: None if in_step else child.send_signal(signal.SIGTERM))
+    return child.wait()
+
+
+def slurm_node_launcher_args(env=os.environ) -> list[str]:
+    """torchrun's arguments for this node when srun runs one launcher task per node
+    (LOR2C_SLURM_TASKS=per_node): node rank from SLURM_NODEID, rendezvous as in slurm_environment."""
+    master = slurm_environment(dict(env, SLURM_NTASKS="2"))
+    return [f"--nnodes={env['SLURM_NNODES']}", f"--node_rank={env['SLURM_NODEID']}",
+            f"--master_addr={master['MASTER_ADDR']}", f"--master_port={master['MASTER_PORT']}"]
 
 
 def slurm_environment(env=os.environ) -> dict[str, str]:
@@ -101,16 +119,19 @@ def worker(cfg) -> int:
 
     # torch deprecates the collective names DeepSpeed still calls, once per call: keep the log readable
     warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use", category=FutureWarning)
-    from lor2c_ds import engine
+    from lor2c_ds import engine, preemption
     from lor2c_ds.train import run
 
+    preemption.install()  # SIGUSR1/SIGTERM: stop at the next step boundary with a checkpoint
     rank, world = engine.init_distributed()
     try:
         results = run(cfg, rank, world)
-        if rank == 0:
+        if rank == 0 and preemption.stopped_at() is None:
             report(cfg, results)
     finally:
         engine.shutdown()
+    if preemption.stopped_at() is not None:
+        return preemption.finish(rank, cfg.output_dir)  # rank 0 requeues a SLURM job
     return 0
 
 
@@ -134,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     from lor2c_ds.config import load_config
     from lor2c_ds.data import DataError
 
-    if "RANK" not in os.environ:
+    per_node = os.environ.get("LOR2C_SLURM_TASKS") == "per_node" and "SLURM_STEP_ID" in os.environ
+    if "RANK" not in os.environ and not per_node:
         os.environ.update(slurm_environment())
     launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     is_rank0 = os.environ.get("RANK", "0") == "0"
@@ -147,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if launched:
         return worker(cfg)
+    if per_node:  # this srun task starts the node's ranks
+        return spawn_local(cfg.nproc, argv, slurm_node_launcher_args())
     if cfg.nproc > 1:
         return spawn_local(cfg.nproc, argv)
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",

@@ -56,6 +56,8 @@ class TrainConfig:
     save_every: int | None = None  # optimizer steps between checkpoints (one is always written at the end)
     keep_checkpoints: int | None = None  # keep the newest K complete checkpoints; None keeps all
     resume: bool = True  # continue from the newest complete checkpoint in output_dir/checkpoints
+    export_on_save: bool = False  # rank 0 exports every saved checkpoint to output_dir/export (merged)
+    export_dtype: str | None = None  # fp32 | bf16 | fp16 for that export; None keeps the base's dtype
 
     def validate(self) -> None:
         if not self.model:
@@ -81,6 +83,8 @@ class TrainConfig:
                 raise ConfigError(f"{key} must be a positive integer or null, got {value!r}")
         if self.lr <= 0:
             raise ConfigError(f"lr must be positive, got {self.lr}")
+        if self.export_dtype not in (None, "fp32", "bf16", "fp16"):
+            raise ConfigError(f"export_dtype must be fp32, bf16 or fp16 (or null), got {self.export_dtype!r}")
         self.adapter.validate()
 
     def check_world(self, world_size: int) -> int:

@@ -33,8 +33,14 @@ _RECIPE_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_
 
 
 def init_distributed() -> tuple[int, int]:
-    """Join the process group set up by the launcher (gloo on CPU, nccl on CUDA)."""
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    """Join the process group set up by the launcher (gloo on CPU, nccl on CUDA).
+
+    A collective that waits longer than LOR2C_DIST_TIMEOUT_S (default 600 s) fails, so a dead rank
+    ends the job instead of leaving the others blocked until the scheduler's time limit."""
+    import datetime
+
+    timeout = datetime.timedelta(seconds=float(os.environ.get("LOR2C_DIST_TIMEOUT_S", 600)))
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", timeout=timeout)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     return dist.get_rank(), dist.get_world_size()
@@ -159,6 +165,17 @@ def gathered_trainable(engine):
         yield
 
 
+@contextlib.contextmanager
+def gathered(params):
+    """`params` whole for reading on every rank (a no-op for parameters ZeRO-3 does not partition)."""
+    params = [p for p in params if hasattr(p, "ds_id")]
+    if params:
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            yield
+    else:
+        yield
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
@@ -184,3 +201,30 @@ def load_checkpoint(engine, directory: str | os.PathLike, tag: str | None = None
 
 def barrier() -> None:
     dist.barrier()
+
+
+def full_fp32(param: torch.nn.Parameter) -> torch.Tensor:
+    """The fp32 master value of a trainable parameter (a collective under ZeRO-3: call on every rank)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    value = safe_get_full_fp32_param(param)
+    return (param.data if value is None else value).detach().float().cpu().reshape(full_shape(param))
+
+
+def full_shape(param: torch.nn.Parameter) -> torch.Size:
+    """A parameter's whole shape, also when ZeRO-3 partitions it."""
+    return param.ds_shape if hasattr(param, "ds_shape") else param.shape
+
+
+def overwrite_trainable(updates: dict) -> None:
+    """Set trainable parameters to new values wherever they live: the module's copy, DeepSpeed's fp32
+    master, and their Adam moments (reset to zero). Call on every rank with the same values."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    for param, value in updates.items():
+        value = value.detach().float().to(param.device)
+        safe_set_full_fp32_param(param, value)
+        for key in ("exp_avg", "exp_avg_sq"):
+            safe_set_full_optimizer_state(param, torch.zeros_like(value), key)
+        with torch.no_grad():  # trainable parameters are whole on every rank (pinned under ZeRO-3)
+            param.data.copy_(value.to(param.dtype).view_as(param.data))

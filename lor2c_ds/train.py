@@ -24,6 +24,7 @@ from . import checkpoint
 from . import engine as ds
 from .adapters import apply_adapters, save_adapters, trainable_summary
 from .callbacks import Callback
+from .preemption import PreemptionCallback
 from .config import TrainConfig
 from .data import Collator, eval_loader, load_splits, tokenize, train_loader
 
@@ -94,6 +95,12 @@ class MetricsLog:
             if isinstance(value, (int, float)) and math.isfinite(value):
                 self.tb.add_scalar(f"{kind}/{key}", value, step)
 
+    def event(self, step: int, kind: str, payload: dict) -> None:
+        """A structured event: a line in metrics.jsonl and a text entry in TensorBoard."""
+        if self.enabled:
+            self.jsonl.write(json.dumps({"step": step, "kind": kind, **payload}) + "\n")
+            self.tb.add_text(kind, json.dumps(payload), step)
+
     def close(self) -> None:
         if self.enabled:
             self.jsonl.close()
@@ -160,8 +167,13 @@ class RunState:
                 "callbacks": {c.name: c.state_dict() for c in self.callbacks}}
 
     def save_checkpoint(self) -> Path:
-        return checkpoint.save(self.engine, self.output_dir / "checkpoints", f"step_{self.step}", self.run_state(),
-                               self.rank, keep=self.cfg.keep_checkpoints)
+        tag_dir = checkpoint.save(self.engine, self.output_dir / "checkpoints", f"step_{self.step}", self.run_state(),
+                                  self.rank, keep=self.cfg.keep_checkpoints)
+        if self.cfg.export_on_save:  # a merged, consolidated copy in output_dir/export (lor2c_ds.export)
+            from .export import export_run_checkpoint
+
+            export_run_checkpoint(self.cfg, tag_dir, self.rank)
+        return tag_dir
 
 
 def train_step(engine, micro: list[dict], task: str, world: int) -> dict:
@@ -188,7 +200,13 @@ def train_step(engine, micro: list[dict], task: str, world: int) -> dict:
 
 def default_callbacks(cfg: TrainConfig) -> list[Callback]:
     """The callbacks a recipe implies: each feature that acts during training adds its own here."""
-    callbacks: list[Callback] = []
+    callbacks: list[Callback] = [PreemptionCallback()]  # stop all ranks together on SIGUSR1/SIGTERM
+    if cfg.adapter.method == "reslora":
+        from .adapters.reslora import ResLoRACallback
+        callbacks.append(ResLoRACallback())  # merge statistics, merge error at the end
+    from .topology import topology_callbacks
+
+    callbacks += topology_callbacks(cfg)  # MergeLoR2C / InjectLoR2C events
     return callbacks
 
 
@@ -282,4 +300,5 @@ def run(cfg: TrainConfig, rank: int, world: int, callbacks: list[Callback] | Non
                 save_adapters(state.engine.module, out / "adapter")
     state.metrics.close()
     results["steps"] = state.step
+    results["trainable"] = trainable_summary(state.engine.module)  # after any topology change
     return results

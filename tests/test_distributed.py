@@ -57,6 +57,21 @@ def tiny_bert(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_bert4(tmp_path_factory) -> Path:
+    """A random 4-block BERT (room for merges and injections), real tokenizer, no dropout."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    path = tmp_path_factory.mktemp("tiny_bert4")
+    torch.manual_seed(0)
+    BertForSequenceClassification(BertConfig(hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                                             intermediate_size=128, max_position_embeddings=128,
+                                             hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+                                  ).save_pretrained(path)
+    AutoTokenizer.from_pretrained(MINILM).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     """A random 2-block LLaMA with the real SmolLM2 tokenizer."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM

@@ -13,6 +13,7 @@ from ..registry import find_blocks, hidden_size, projection_dims, spec_for
 from .config import METHODS, AdapterConfig, ConfigError
 from .lor2c import LoR2CAdapter, LoR2CStack
 from .lora import LoRA, attach_lora
+from .reslora import ResLoRA, attach_reslora, merge_reslora
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -45,19 +46,23 @@ def apply_adapters(model: nn.Module, config: AdapterConfig) -> nn.Module:
             raise ConfigError(f"unknown LoRA target(s) {unknown} for {model.config.model_type}; "
                               f"known: {sorted(spec.projections)}")
         for block in blocks:
-            for target in targets:
-                proj = spec.projections[target]
-                module = block.get_submodule(proj.path)
-                d_in, d_out = projection_dims(module)
-                lora = LoRA(d_in, d_out // proj.chunks, config.r, config.alpha, config.dropout,
-                            proj.chunk, proj.chunks)
-                attach_lora(module, target, lora)
+            _attach_lora_targets(block, spec, targets, config.r, config.alpha, config.dropout)
+    elif config.method == "reslora":
+        attach_reslora(model, blocks, spec, config)
     else:
         spans = config.resolved_spans(len(blocks))
         groups = config.resolved_groups(len(blocks)) if config.method == "share_lor2c" else None
         stack = LoR2CStack(hidden, config.r, config.alpha, config.dropout, spans, groups)
         model.add_module("lor2c", stack)
         stack.attach(model, blocks)
+        if config.injections:
+            # InjectLoR2C's q/v LoRA of rank r/2, allocated now (inactive, B = 0) so that the optimizer,
+            # built once over a fixed parameter set, already holds them when one is switched on.
+            for start, end in spans:
+                if start == end:
+                    for lora in _attach_lora_targets(blocks[start], spec, ["q", "v"], config.r // 2,
+                                                     config.alpha, config.dropout):
+                        lora.active = False
 
     heads = config.modules_to_save if config.modules_to_save is not None else [
         h for h in spec.heads if hasattr(model, h)]
@@ -70,6 +75,45 @@ def apply_adapters(model: nn.Module, config: AdapterConfig) -> nn.Module:
     return model
 
 
+def _attach_lora_targets(block: nn.Module, spec, targets: list[str], r: int, alpha: float,
+                         dropout: float) -> list[LoRA]:
+    attached = []
+    for target in targets:
+        proj = spec.projections[target]
+        module = block.get_submodule(proj.path)
+        d_in, d_out = projection_dims(module)
+        lora = LoRA(d_in, d_out // proj.chunks, r, alpha, dropout, proj.chunk, proj.chunks)
+        attach_lora(module, target, lora)
+        attached.append(lora)
+    return attached
+
+
+def inactive_parameters(model: nn.Module) -> set[int]:
+    """ids of the parameters of adapters that are switched off (retired or not yet injected)."""
+    off = {id(p) for m in model.modules() if getattr(m, "active", True) is False
+           for p in m.parameters(recurse=True)}
+    return off
+
+
+def get_layout(model: nn.Module) -> dict:
+    """The LoR2C topology: spans with their flags, and the injected LoRA that are switched on."""
+    if not hasattr(model, "lor2c"):
+        return {}
+    return {"spans": model.lor2c.topology(),
+            "injected": [name for name, m in model.named_modules() if isinstance(m, LoRA) and m.active]}
+
+
+def set_layout(model: nn.Module, layout: dict) -> None:
+    """Restore a topology recorded by `get_layout` on a model built from the same adapter config."""
+    if "spans" in layout:
+        model.lor2c.set_topology(layout["spans"])
+    modules = dict(model.named_modules())
+    for name in layout.get("injected", []):
+        if not isinstance(modules.get(name), LoRA):
+            raise ValueError(f"the layout switches on {name}, which is not an injected LoRA of this model")
+        modules[name].active = True
+
+
 def _numel(p: torch.Tensor) -> int:
     return int(getattr(p, "ds_numel", 0) or p.numel())  # ZeRO-3 keeps the full size in ds_numel
 
@@ -77,7 +121,8 @@ def _numel(p: torch.Tensor) -> int:
 def trainable_summary(model: nn.Module) -> str:
     """PEFT's one-line summary; counts full sizes even when the weights are partitioned."""
     params = list(model.parameters())  # shared tensors are yielded once
-    trainable = sum(_numel(p) for p in params if p.requires_grad)
+    off = inactive_parameters(model)  # held by the optimizer, but neither used nor trained
+    trainable = sum(_numel(p) for p in params if p.requires_grad and id(p) not in off)
     total = sum(_numel(p) for p in params)
     return (f"trainable params: {trainable:,d} || all params: {total:,d} || "
             f"trainable%: {100 * trainable / total:.4f}")
@@ -99,7 +144,11 @@ def save_adapters(model: nn.Module, directory: str | os.PathLike,
     directory.mkdir(parents=True, exist_ok=True)
     state = adapter_state_dict(model) if state is None else state
     save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt", "library": "lor2c_ds"})
-    (directory / CONFIG_NAME).write_text(json.dumps(model.adapter_config.to_dict(), indent=2) + "\n")
+    config = model.adapter_config.to_dict()
+    layout = get_layout(model)
+    if layout:
+        config["layout"] = layout  # MergeLoR2C / InjectLoR2C change it during training
+    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
     return directory
 
 
@@ -109,9 +158,13 @@ def load_adapters(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         if not (directory / name).is_file():
             raise FileNotFoundError(f"{directory / name} is missing: not an adapter directory")
-    config = AdapterConfig.from_dict(json.loads((directory / CONFIG_NAME).read_text()))
+    raw = json.loads((directory / CONFIG_NAME).read_text())
+    layout = raw.pop("layout", None)
+    config = AdapterConfig.from_dict(raw)
     if not hasattr(model, "adapter_config"):
         apply_adapters(model, config)
+    if layout:
+        set_layout(model, layout)
     elif model.adapter_config.to_dict() != config.to_dict():
         raise ValueError(f"the model's adapters differ from the ones saved in {directory}")
     state = load_file(str(directory / WEIGHTS_NAME))

@@ -5,7 +5,10 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-METHODS = ("lora", "lor2c", "share_lor2c")
+METHODS = ("lora", "lor2c", "share_lor2c", "reslora")
+RESLORA_VARIANTS = ("is", "bs", "ms")
+# The merge rules each ResLoRA variant accepts; the first is its default.
+RESLORA_MERGE_RULES = {"is": ("inputs", "weights"), "bs": ("exact",), "ms": ("inputs", "middle")}
 
 
 class ConfigError(ValueError):
@@ -23,6 +26,15 @@ class AdapterConfig:
     spans: LoR2C spans as [start, end] block indices (inclusive); None means one per block.
     share_groups: ShareLoR2C groups as lists of span start blocks; None means all spans in one group.
     modules_to_save: extra modules trained in full (the task head); None means the registry's head.
+    reslora_variant, pre_num, merge_rule: ResLoRA (method "reslora", LoRA on `targets` with shortcuts
+        between layers): variant "is" (input shortcut), "bs" (block shortcut) or "ms" (middle
+        shortcut); pre_num m, the earlier blocks bs/ms link (is links one); the inference merge rule
+        (is: inputs | weights, ms: inputs | middle, bs: exact; None picks the first).
+    merges, injections: MergeLoR2C / InjectLoR2C budgets M and D (both: IMLoR2C); lor2c methods only.
+    max_merge_length: the most blocks a merged span may cover. sfs_k: score mode (None: mean of the
+        singular values of B A; k: share of the k largest). event_every_steps: events every N optimizer
+        steps instead of the reference epoch schedule. freeze_merged, refreeze_injected: the two
+        reference-code quirks, for ablation only (see METHOD.md sections 5 and 6).
     """
 
     method: str = "lor2c"
@@ -33,6 +45,16 @@ class AdapterConfig:
     spans: list[list[int]] | None = None
     share_groups: list[list[int]] | None = None
     modules_to_save: list[str] | None = None
+    reslora_variant: str = "is"
+    pre_num: int = 1
+    merge_rule: str | None = None
+    merges: int = 0
+    injections: int = 0
+    max_merge_length: int = 4
+    sfs_k: int | None = None
+    event_every_steps: int | None = None
+    freeze_merged: bool = False
+    refreeze_injected: bool = False
 
     @property
     def scaling(self) -> float:
@@ -69,9 +91,11 @@ class AdapterConfig:
             raise ConfigError(f"adapter.alpha must be a positive number, got {self.alpha!r}")
         if not (0.0 <= float(self.dropout) < 1.0):
             raise ConfigError(f"adapter.dropout must be in [0, 1), got {self.dropout!r}")
-        if self.method == "lora":
+        self._check_reslora()
+        self._check_events(num_blocks)
+        if self.method in ("lora", "reslora"):
             if self.spans is not None or self.share_groups is not None:
-                raise ConfigError("adapter.spans / adapter.share_groups apply to lor2c methods, not lora")
+                raise ConfigError(f"adapter.spans / adapter.share_groups apply to lor2c methods, not {self.method}")
             return
         if self.share_groups is not None and self.method != "share_lor2c":
             raise ConfigError("adapter.share_groups needs method: share_lor2c")
@@ -88,6 +112,65 @@ class AdapterConfig:
                     if start in seen:
                         raise ConfigError(f"adapter.share_groups lists block {start} in more than one group")
                     seen.add(start)
+
+    def _check_reslora(self) -> None:
+        if self.method != "reslora":
+            if (self.reslora_variant, self.pre_num, self.merge_rule) != ("is", 1, None):
+                raise ConfigError("adapter.reslora_variant / adapter.pre_num / adapter.merge_rule need "
+                                  f"method: reslora, not {self.method}")
+            return
+        if self.reslora_variant not in RESLORA_VARIANTS:
+            raise ConfigError(f"unknown adapter.reslora_variant {self.reslora_variant!r}; "
+                              f"choose one of {list(RESLORA_VARIANTS)}")
+        if not isinstance(self.pre_num, int) or isinstance(self.pre_num, bool):
+            raise ConfigError(f"adapter.pre_num must be an integer, got {self.pre_num!r}")
+        if self.reslora_variant == "is" and self.pre_num != 1:
+            raise ConfigError(f"adapter.pre_num={self.pre_num}: the input-shortcut variant (is) links "
+                              "exactly the previous block; pre_num must be 1")
+        if self.pre_num <= 0:
+            raise ConfigError(f"adapter.pre_num={self.pre_num}: reslora_variant "
+                              f"{self.reslora_variant} needs pre_num >= 1 earlier blocks")
+        rules = RESLORA_MERGE_RULES[self.reslora_variant]
+        if self.merge_rule is not None and self.merge_rule not in rules:
+            raise ConfigError(f"adapter.merge_rule {self.merge_rule!r} is not a merge rule of reslora_variant "
+                              f"{self.reslora_variant}; choose one of {list(rules)}")
+
+    @property
+    def resolved_merge_rule(self) -> str:
+        return self.merge_rule or RESLORA_MERGE_RULES[self.reslora_variant][0]
+
+    def _check_events(self, num_blocks: int | None) -> None:
+        """MergeLoR2C / InjectLoR2C budgets and scoring; the schedule is checked once steps are known."""
+        for key in ("merges", "injections", "max_merge_length"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"adapter.{key} must be a non-negative integer, got {value!r}")
+        if not (self.merges or self.injections):
+            return
+        if self.method not in ("lor2c", "share_lor2c"):
+            raise ConfigError(f"adapter.merges / adapter.injections need a lor2c method, not {self.method}")
+        if self.max_merge_length < 2:
+            raise ConfigError(f"adapter.max_merge_length must be at least 2 blocks, got {self.max_merge_length}")
+        if self.sfs_k is not None and not (isinstance(self.sfs_k, int) and 1 <= self.sfs_k <= self.r):
+            raise ConfigError(f"adapter.sfs_k must be an integer in 1..r={self.r}, got {self.sfs_k!r}")
+        if self.injections and self.r < 2:
+            raise ConfigError(f"adapter.injections swaps a rank-r shortcut for rank r/2 LoRA: r must be >= 2, got {self.r}")
+        if self.event_every_steps is not None and (not isinstance(self.event_every_steps, int)
+                                                   or self.event_every_steps <= 0):
+            raise ConfigError(f"adapter.event_every_steps must be a positive integer, got {self.event_every_steps!r}")
+        if num_blocks is None:
+            return
+        spans = self.resolved_spans(num_blocks)
+        singles = sum(1 for s, e in spans if s == e)
+        if self.injections > singles:
+            raise ConfigError(f"adapter.injections={self.injections} exceeds the {singles} single-block spans")
+        possible = max_merges(spans, self.max_merge_length)
+        if self.merges > possible:
+            raise ConfigError(f"adapter.merges={self.merges} is more than possible: {len(spans)} spans with "
+                              f"max_merge_length={self.max_merge_length} allow at most {possible}")
+        if self.merges + self.injections > len(spans) - (1 if self.merges else 0):
+            raise ConfigError(f"adapter.merges + adapter.injections = {self.merges + self.injections} would "
+                              f"remove more than the {len(spans)} spans there are")
 
     def _check_spans(self, num_blocks: int | None) -> None:
         taken: set[int] = set()
@@ -117,3 +200,22 @@ class AdapterConfig:
             return [starts]
         grouped = {s for g in self.share_groups for s in g}
         return [sorted(g) for g in self.share_groups] + [[s] for s in starts if s not in grouped]
+
+
+def max_merges(spans: list[tuple[int, int]], max_length: int) -> int:
+    """How many merges the spans allow: runs of adjacent spans, greedily packed up to `max_length` blocks."""
+    total, run, prev_end = 0, [], None
+    for start, end in sorted(spans) + [(None, None)]:
+        if start is not None and prev_end is not None and start == prev_end + 1:
+            run.append(end - start + 1)
+        else:
+            length, pieces = 0, 0
+            for width in run:  # greedy packing of one run of adjacent spans
+                if pieces and length + width <= max_length:
+                    length += width
+                    total += 1
+                else:
+                    length, pieces = width, pieces + 1
+            run = [] if start is None else [end - start + 1]
+        prev_end = end
+    return total

@@ -83,6 +83,11 @@ class LoR2CStack(nn.Module):
     def route(self) -> None:
         """Rebuild the block -> adapter tables from the adapters' spans and active flags."""
         active = [(key, a) for key, a in self.adapters.items() if a.active]
+        # Retired adapters stay in the graph on a zero input, so every gradient reduction sees an exact
+        # zero for them (ZeRO-3 otherwise reuses the last gradient it had for a parameter absent from
+        # the backward, and Adam would keep moving it); calling them as modules keeps ZeRO-3's
+        # parameter fetching and its recorded module order valid.
+        self._retired = [a for a in self.adapters.values() if not a.active]
         self._starts = {a.start for _, a in active}
         self._ends: dict[int, list[str]] = {}
         for key, a in active:
@@ -92,6 +97,7 @@ class LoR2CStack(nn.Module):
         # Hooks are partials of bound methods, so a deep copy of the model rebinds them to its copy.
         model.register_forward_pre_hook(self._reset)
         model.register_forward_hook(self._check_consumed)
+        self._last_block = len(blocks) - 1
         for index, block in enumerate(blocks):
             block.register_forward_pre_hook(partial(self._record, index), with_kwargs=True)
             block.register_forward_hook(partial(self._add, index))
@@ -122,10 +128,15 @@ class LoR2CStack(nn.Module):
             self._stream[index] = _hidden_of(args, kwargs)
 
     def _add(self, index: int, block, args, output):
-        keys = self._ends.get(index)
-        if not keys:
+        keys = self._ends.get(index, [])
+        retired = self._retired if index == self._last_block else []
+        if not keys and not retired:
             return None
         delta = None
+        if retired:
+            hidden = _hidden_of((output,) if isinstance(output, torch.Tensor) else output, {})
+            zero_input = hidden.new_zeros(1, hidden.shape[-1])
+            delta = torch.stack([a(zero_input).sum() for a in retired]).sum() * 0.0
         for key in keys:
             adapter = self.adapters[key]
             d = adapter(self._stream.pop(adapter.start))

@@ -29,6 +29,7 @@ class LoRA(nn.Module):
         super().__init__()
         self.r, self.scaling = r, alpha / r
         self.chunk, self.chunks = chunk, chunks  # the output slice of a fused projection it updates
+        self.active = True  # InjectLoR2C allocates its LoRA switched off
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.lora_A = nn.Linear(in_features, r, bias=False)
         self.lora_B = nn.Linear(r, out_features, bias=False)
@@ -39,6 +40,8 @@ class LoRA(nn.Module):
 
     def add_to_output(self, proj: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
         """Forward hook on the frozen projection (a bound method, so deep copies rebind it)."""
+        if not self.active:
+            return None
         delta = self(args[0])
         if self.chunks > 1:
             width = delta.shape[-1]

@@ -1,0 +1,504 @@
+"""ResLoRA: LoRA blocks with residual paths between layers, merged away for inference (METHOD.md 9).
+
+Block n is one target projection (q, v, ...) in layer n, block n-k the same projection k layers below;
+x_n is block n's input, s = alpha / r, D the adapter dropout, m = pre_num. Training-time output:
+
+    is:  y_n = W x_n + b + s B_n A_n D(x_n + x_{n-1})                 (x_{-1} := x_0)
+    bs:  y_n = W x_n + b + s (sum_{k=0..m} B_{n-k} A_{n-k}) D(x_n)
+    ms:  y_n = W x_n + b + s B_n (a_n + sum_{k=1..m} a_{n-k}),     a_j = A_j D(x_j)
+
+Sums stop at layer 0. `is` applies one dropout to the sum x_n + x_{n-1} (as written in METHOD.md);
+`ms` reuses the middle vectors a_{n-k} that the earlier blocks computed in the same forward, so each
+a_j carries the dropout mask of its own block. Nothing is detached: gradients reach x_{n-1}, A_{n-k}
+and B_{n-k} through the shortcuts. No parameters beyond LoRA's.
+
+Merged weights (Linear layout, d_out x d_in), with f the moving means of recorded norms:
+
+    bs (exact):    W'_n = W_n + s sum_{k=0..m} B_{n-k} A_{n-k}
+    is, inputs:    W'_n = W_n + (1 + f_{n-1}/f_n) s B_n A_n,             f = mean ||x_n||_F   (f_{-1} := f_0)
+    is, weights:   W'_n = W_n + (1 + f_{n-2}/f_{n-1}) s B_n A_n,         f = ||W_n + s B_n A_n||_F
+                   (the ratio is taken as 1 for the first two blocks)
+    ms, inputs:    W'_n = W_n + s B_n (A_n + sum_{k=1..m} (f_{n-k}/f_n) A_{n-k}),   f = mean ||x_n||_F
+    ms, middle:    W'_n = W_n + (1 + sum_{k=1..m} f_{n-k}/f_n) s B_n A_n,           f = mean ||a_n||_F
+
+Norms are Frobenius norms of a whole micro-batch tensor; ratios of them are what the merges use.
+
+Wiring: each block's module is a child of its projection (`<proj>.reslora_<target>`, weights under
+`lora_A` / `lora_B`) and adds its output through a forward hook (a bound method: deep copies rebind).
+The modules of one target know each other through a `ResLoRAGroup`, a plain object that is not a
+sub-module, so every weight is stored once. The group holds the current forward's x_n / a_n only:
+it is cleared by a model forward pre-hook and when layer 0 runs, and after the forward.
+
+Statistics: in training mode each module adds (||x_n||, ||a_n||, 1) into an on-device accumulator
+once per model forward (no host sync). `ResLoRACallback` sums them over micro-batches and ranks once
+per optimizer step (one all-reduce of one flat tensor), keeps the per-step means of the last 100
+steps, and hands the window means to the modules. It is saved in checkpoints as JSON.
+
+Activation checkpointing: the recomputed block forward would read x_{n-1} / a_{n-k} held from the
+original forward, outside the checkpoint's bookkeeping; rather than risk wrong gradients, is and ms
+refuse to train with checkpointing enabled. bs links parameters only and works with it.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+from collections import deque
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..callbacks import Callback
+from ..registry import projection_dims
+from .config import RESLORA_MERGE_RULES, ConfigError
+from .lora import init_low_rank
+
+log = logging.getLogger(__name__)
+
+WINDOW = 100  # steps in the moving mean of the merge statistics
+STATS_NAME = "reslora_stats.json"
+# Per module and step: mean ||x_n||, mean ||a_n||, ||W_n + s B_n A_n|| (is only, else NaN).
+STAT_FIELDS = ("input", "middle", "weight")
+
+
+def _checkpointing(blocks) -> bool:
+    return any(getattr(b, "gradient_checkpointing", False) for b in blocks)
+
+
+class ResLoRAGroup:
+    """The ResLoRA modules of one target in layer order, and the current forward's tensors.
+
+    A plain object, not an nn.Module: references to it never register weights twice."""
+
+    def __init__(self, target: str, variant: str, pre_num: int, blocks):
+        self.target, self.variant, self.pre_num = target, variant, pre_num
+        self.members: list[ResLoRA] = []
+        self.blocks = blocks
+        self.saved: dict[int, torch.Tensor] = {}  # x_n (is) or a_n (ms) of this forward
+        self.forward_id = 0  # bumped per model forward: statistics are recorded once per forward
+
+    def start_forward(self, model, args=None, kwargs=None):
+        self.saved.clear()
+        self.forward_id += 1
+        if self.variant != "bs" and model.training and torch.is_grad_enabled() and _checkpointing(self.blocks):
+            raise RuntimeError(
+                f"ResLoRA reslora_variant={self.variant} cannot train with activation checkpointing: the "
+                "recomputed blocks would read shortcut tensors from outside the checkpoint. Disable "
+                "gradient checkpointing or use reslora_variant=bs")
+
+    def end_forward(self, model, args, kwargs, output):
+        self.saved.clear()
+
+
+class ResLoRA(nn.Module):
+    def __init__(self, in_features: int, out_features: int, r: int, alpha: float, dropout: float,
+                 chunk: int, chunks: int, group: ResLoRAGroup, index: int):
+        super().__init__()
+        self.r, self.scaling = r, alpha / r
+        self.chunk, self.chunks = chunk, chunks
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_A = nn.Linear(in_features, r, bias=False)
+        self.lora_B = nn.Linear(r, out_features, bias=False)
+        init_low_rank(self.lora_A, self.lora_B)
+        self.group, self.index = group, index  # plain attributes, not sub-modules
+        self.merge_rule = "exact"
+        self.stats: tuple[float, float, float] | None = None  # window means, set by the callback
+        self.acc: torch.Tensor | None = None  # (sum ||x||, sum ||a||, forwards) since the last step
+        self._recorded = -1
+        self._merged_delta: torch.Tensor | None = None  # set inside `merged_view`
+
+    @property
+    def variant(self) -> str:
+        return self.group.variant
+
+    @property
+    def exact_merge(self) -> bool:
+        return self.variant == "bs"
+
+    def earlier(self) -> list["ResLoRA"]:
+        """Blocks n-1, ..., n-m that exist (is: n-1 only)."""
+        m = 1 if self.variant == "is" else self.group.pre_num
+        return [self.group.members[self.index - k] for k in range(1, m + 1) if self.index - k >= 0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._merged_delta is not None:
+            return F.linear(x, self._merged_delta.to(x.dtype))
+        group, n = self.group, self.index
+        if n == 0:
+            group.saved.clear()  # layer 0 starts a forward, whatever entry point was called
+        if self.variant == "bs":
+            blocks = [self, *self.earlier()]
+            a_all = F.linear(self.dropout(x), torch.cat([b.lora_A.weight for b in blocks]))
+            out = F.linear(a_all, torch.cat([b.lora_B.weight for b in blocks], dim=1))
+            a = a_all[..., : self.r]
+        elif self.variant == "is":
+            prev = x if n == 0 else self._saved(n - 1, x)
+            group.saved.pop(n - 1, None)
+            group.saved[n] = x
+            a = self.lora_A(self.dropout(x + prev))
+            out = self.lora_B(a)
+        else:  # ms
+            a = self.lora_A(self.dropout(x))
+            mid = a
+            for k in range(1, group.pre_num + 1):
+                if n - k >= 0:
+                    mid = mid + self._saved(n - k, a)
+            group.saved.pop(n - group.pre_num, None)
+            group.saved[n] = a
+            out = self.lora_B(mid)
+        if self.training and torch.is_grad_enabled() and self._recorded != group.forward_id:
+            self._recorded = group.forward_id
+            norms = torch.stack([x.detach().float().norm(), a.detach().float().norm(),
+                                 torch.ones((), device=x.device)]).double()
+            self.acc = norms if self.acc is None else self.acc + norms
+        return out * self.scaling
+
+    def _saved(self, j: int, like: torch.Tensor) -> torch.Tensor:
+        t = self.group.saved.get(j)
+        if t is None:
+            raise RuntimeError(f"ResLoRA block {self.index} of target {self.group.target!r}: block {j} did not "
+                               "run earlier in this forward (layers must run in order, from layer 0)")
+        if t.shape != like.shape:
+            raise RuntimeError(f"ResLoRA block {self.index} of target {self.group.target!r}: shortcut from block "
+                               f"{j} has shape {tuple(t.shape)}, this block's has {tuple(like.shape)}")
+        return t
+
+    def add_to_output(self, proj: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
+        """Forward hook on the frozen projection."""
+        delta = self(args[0])
+        if self.chunks > 1:
+            width = delta.shape[-1]
+            delta = F.pad(delta, (self.chunk * width, (self.chunks - self.chunk - 1) * width))
+        return output + delta
+
+    # ------------------------------------------------------------------ merging
+
+    def _ratio(self, j: int, n: int, field: int) -> float:
+        """f_j / f_n from the recorded statistics."""
+        if self.group.members[n].stats is None or self.group.members[j].stats is None:
+            raise RuntimeError(
+                f"ResLoRA merge rule {self.merge_rule!r} needs recorded statistics, and block {n} of target "
+                f"{self.group.target!r} has none: train with ResLoRACallback, or load_reslora_stats()")
+        num, den = self.group.members[j].stats[field], self.group.members[n].stats[field]
+        if not (math.isfinite(num) and math.isfinite(den)) or den <= 0:
+            raise RuntimeError(f"ResLoRA merge rule {self.merge_rule!r}: statistic {STAT_FIELDS[field]} of "
+                               f"blocks {j}/{n} of target {self.group.target!r} is unusable ({num}, {den})")
+        return num / den
+
+    def delta_weight(self) -> torch.Tensor:
+        """W'_n - W_n under this module's merge rule, shaped (d_out, d_in) like nn.Linear.weight."""
+        n, s, rule = self.index, self.scaling, self.merge_rule
+        A, B = self.lora_A.weight, self.lora_B.weight
+        if self.variant == "bs":
+            return s * sum(b.lora_B.weight @ b.lora_A.weight for b in [self, *self.earlier()])
+        if self.variant == "is":
+            if rule == "inputs":
+                factor = 1.0 + (1.0 if n == 0 else self._ratio(n - 1, n, 0))
+            else:  # weights
+                factor = 1.0 + (1.0 if n < 2 else self._ratio(n - 2, n - 1, 2))
+            return factor * s * (B @ A)
+        if rule == "inputs":
+            mixed = A + sum(self._ratio(b.index, n, 0) * b.lora_A.weight for b in self.earlier())
+            return s * (B @ mixed)
+        factor = 1.0 + sum(self._ratio(b.index, n, 1) for b in self.earlier())  # middle
+        return factor * s * (B @ A)
+
+
+def attach_reslora(model: nn.Module, blocks, spec, config) -> list[ResLoRAGroup]:
+    """Attach one ResLoRA module per block and target; called by `apply_adapters`."""
+    targets = config.targets or list(spec.default_targets)
+    unknown = [t for t in targets if t not in spec.projections]
+    if unknown:
+        raise ConfigError(f"unknown ResLoRA target(s) {unknown} for {model.config.model_type}; "
+                          f"known: {sorted(spec.projections)}")
+    if config.reslora_variant != "bs" and _checkpointing(blocks):
+        raise ConfigError(f"adapter.reslora_variant={config.reslora_variant} cannot be combined with activation "
+                          "checkpointing (enabled on this model); disable it or use reslora_variant=bs")
+    groups = []
+    for target in targets:
+        proj = spec.projections[target]
+        modules = [block.get_submodule(proj.path) for block in blocks]
+        dims = [projection_dims(m) for m in modules]
+        if any(d != dims[0] for d in dims):
+            raise ConfigError(f"adapter.targets: ResLoRA target {target!r} does not line up across layers "
+                              f"(in, out) per layer: {dims}; shortcuts need one shape in every layer")
+        group = ResLoRAGroup(target, config.reslora_variant, config.pre_num, blocks)
+        model.register_forward_pre_hook(group.start_forward, with_kwargs=True)
+        model.register_forward_hook(group.end_forward, with_kwargs=True)
+        for i, module in enumerate(modules):
+            d_in, d_out = dims[0]
+            res = ResLoRA(d_in, d_out // proj.chunks, config.r, config.alpha, config.dropout,
+                          proj.chunk, proj.chunks, group, i)
+            res.merge_rule = config.resolved_merge_rule
+            group.members.append(res)
+            module.add_module(f"reslora_{target}", res)
+            module.register_forward_hook(res.add_to_output)
+        groups.append(group)
+    return groups
+
+
+def reslora_modules(model: nn.Module) -> list[tuple[str, ResLoRA]]:
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, ResLoRA)]
+
+
+@contextlib.contextmanager
+def merged_view(model: nn.Module):
+    """Inside, every ResLoRA block adds (W'_n - W_n) x_n instead of its training-time output: the
+    merged model's function, without touching W (works on a ZeRO-3 partitioned backbone)."""
+    mods = [m for _, m in reslora_modules(model)]
+    with torch.no_grad():
+        deltas = [m.delta_weight().detach() for m in mods]
+    for m, d in zip(mods, deltas):
+        m._merged_delta = d
+    try:
+        yield model
+    finally:
+        for m in mods:
+            m._merged_delta = None
+
+
+@torch.no_grad()
+def merge_reslora(model: nn.Module) -> nn.Module:
+    """Fold every ResLoRA block into its projection, in place (pass a copy to keep the original):
+    W' = W + delta, then the modules and their hooks are removed. Returns the plain model."""
+    mods = reslora_modules(model)
+    deltas = [m.delta_weight().detach().clone() for _, m in mods]  # all before any module is removed
+    for (name, m), delta in zip(mods, deltas):
+        parent_name, _, child = name.rpartition(".")
+        proj = model.get_submodule(parent_name)
+        width = delta.shape[0]
+        rows = slice(m.chunk * width, (m.chunk + 1) * width)
+        if isinstance(proj, nn.Linear):
+            proj.weight[rows] += delta.to(proj.weight.dtype)
+        else:  # Conv1D keeps (d_in, d_out)
+            proj.weight[:, rows] += delta.T.to(proj.weight.dtype)
+        for key, fn in list(proj._forward_hooks.items()):
+            if getattr(fn, "__self__", None) is m:
+                del proj._forward_hooks[key]
+        delattr(proj, child)
+    groups = {id(m.group) for _, m in mods}
+    for hooks in (model._forward_pre_hooks, model._forward_hooks):
+        for key, fn in list(hooks.items()):
+            if id(getattr(fn, "__self__", None)) in groups:
+                del hooks[key]
+                model._forward_hooks_with_kwargs.pop(key, None)
+                model._forward_pre_hooks_with_kwargs.pop(key, None)
+    if hasattr(model, "adapter_config"):
+        del model.adapter_config
+    return model
+
+
+# ---------------------------------------------------------------------- statistics
+
+
+class ResLoRAStats:
+    """The 100-step window of per-step statistics, one row of len(STAT_FIELDS) per module."""
+
+    def __init__(self, window: int = WINDOW):
+        self.window: deque[list[float]] = deque(maxlen=window)
+        self.names: list[str] = []
+
+    def state_dict(self) -> dict:
+        return {"names": self.names, "window": [list(row) for row in self.window]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.names = list(state.get("names", []))
+        self.window.clear()
+        self.window.extend(list(map(float, row)) for row in state.get("window", []))
+
+    def means(self) -> list[float] | None:
+        if not self.window:
+            return None
+        return [sum(col) / len(self.window) for col in zip(*self.window)]
+
+    def push_to(self, model: nn.Module) -> None:
+        mods = reslora_modules(model)
+        names = [n for n, _ in mods]
+        if self.names and names != self.names:
+            raise ValueError(f"ResLoRA statistics were recorded for other modules ({self.names[:2]}...), "
+                             f"not this model's ({names[:2]}...)")
+        means = self.means()
+        k = len(STAT_FIELDS)
+        for i, (_, m) in enumerate(mods):
+            m.stats = None if means is None else tuple(means[i * k:(i + 1) * k])
+
+    def step(self, model: nn.Module, reduce=lambda t: t, gather=None) -> None:
+        """End of an optimizer step: reduce the accumulators (one collective), reset them, push a row.
+
+        `reduce` sums a tensor over ranks in place; `gather(params)` is a context manager that makes
+        partitioned frozen weights whole (needed by the "weights" rule only)."""
+        mods = reslora_modules(model)
+        if not mods:
+            return
+        self.names = [n for n, _ in mods]
+        device = mods[0][1].lora_A.weight.device
+        acc = torch.stack([m.acc.to(device) if m.acc is not None else torch.zeros(3, dtype=torch.float64,
+                                                                                   device=device)
+                           for _, m in mods])
+        for _, m in mods:
+            m.acc = None
+        acc = reduce(acc)
+        count = acc[:, 2].clamp(min=1)
+        weight = torch.full((len(mods),), float("nan"), dtype=torch.float64, device=device)
+        if any(m.variant == "is" for _, m in mods):  # so both is rules can be evaluated
+            weight = weight_norms(model, [m for _, m in mods], gather).to(device)
+        row = torch.stack([acc[:, 0] / count, acc[:, 1] / count, weight], dim=1)
+        if bool((acc[:, 2] > 0).all()):  # one host sync per step
+            self.window.append(row.flatten().tolist())
+            self.push_to(model)
+
+
+@torch.no_grad()
+def weight_norms(model: nn.Module, mods: list[ResLoRA], gather=None) -> torch.Tensor:
+    """||W_n + s B_n A_n||_F per module, computed out of place (W is never written). Under ZeRO-3,
+    `gather` makes one projection's weight whole at a time."""
+    gather = gather or (lambda params: contextlib.nullcontext())
+    parents = {id(m): model.get_submodule(n.rpartition(".")[0]) for n, m in reslora_modules(model)}
+    out = []
+    for m in mods:
+        proj = parents[id(m)]
+        with gather([proj.weight]):
+            W = proj.weight if isinstance(proj, nn.Linear) else proj.weight.T
+            width = m.lora_B.weight.shape[0]
+            W = W[m.chunk * width:(m.chunk + 1) * width]
+            merged = W.float() + m.scaling * (m.lora_B.weight.float() @ m.lora_A.weight.float())
+            out.append(merged.norm().double())
+    return torch.stack(out)
+
+
+def save_reslora_stats(model: nn.Module, directory) -> Path:
+    """The window means each module merges with, as JSON beside an adapter."""
+    path = Path(directory) / STATS_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stats = {n: (None if m.stats is None else dict(zip(STAT_FIELDS, m.stats))) for n, m in reslora_modules(model)}
+    path.write_text(json.dumps(stats, indent=1) + "\n")
+    return path
+
+
+def load_reslora_stats(model: nn.Module, directory) -> nn.Module:
+    """Restore what `save_reslora_stats` wrote, so `delta_weight` merges as after training. A
+    checkpoint tag holds no such file: there the window in its run_state.json is used."""
+    directory = Path(directory)
+    if not (directory / STATS_NAME).is_file() and (directory / "run_state.json").is_file():
+        window = ResLoRAStats()
+        window.load_state_dict(json.loads((directory / "run_state.json").read_text())["callbacks"]["reslora"])
+        window.push_to(model)
+        return model
+    stats = json.loads((directory / STATS_NAME).read_text())
+    for name, m in reslora_modules(model):
+        if name not in stats:
+            raise ValueError(f"{Path(directory) / STATS_NAME} has no statistics for {name}")
+        row = stats[name]
+        m.stats = None if row is None else tuple(float(row[f]) if row[f] is not None else math.nan
+                                                 for f in STAT_FIELDS)
+    return model
+
+
+# ---------------------------------------------------------------------- approximation error
+
+
+@torch.no_grad()
+def merge_report(model: nn.Module, batches, task: str, reduce=lambda t: t, rank: int = 0, world: int = 1) -> dict:
+    """The training-time graph against the merged model on held-out `batches`: logits difference
+    (max abs, relative Frobenius) over scored positions, and both models' metric. `reduce` sums over
+    ranks (each rank passes its own shard). The frozen weights are only read."""
+    from ..train import scored_labels, summed_loss  # the recipe's own loss and targets
+
+    was_training = model.training
+    model.eval()
+    device = next(p for p in model.parameters() if p.requires_grad).device
+    totals = torch.zeros(7, dtype=torch.float64, device=device)  # sq diff, sq ref, loss x2, count, correct x2
+    max_abs = torch.zeros(world, dtype=torch.float64, device=device)
+    for batch in batches:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        ref = model(**inputs).logits.float()
+        with merged_view(model):
+            merged = model(**inputs).logits.float()
+        labels = scored_labels(batch, task)
+        if task == "classification":
+            keep = batch["valid"].bool()
+        else:
+            keep = batch["attention_mask"].bool() & batch["valid"].bool()[:, None]
+        diff = (merged - ref)[keep]
+        max_abs[rank] = torch.maximum(max_abs[rank], diff.abs().max() if diff.numel() else max_abs[rank])
+        stats = [diff.double().pow(2).sum(), ref[keep].double().pow(2).sum(),
+                 summed_loss(ref, labels, task).double(), summed_loss(merged, labels, task).double(),
+                 (labels != -100).sum().double()]
+        if task == "classification":
+            stats += [(ref.argmax(-1) == labels).sum().double(), (merged.argmax(-1) == labels).sum().double()]
+        else:
+            stats += [torch.zeros((), dtype=torch.float64, device=device)] * 2
+        totals += torch.stack(stats)
+    totals, max_abs = reduce(totals), reduce(max_abs)
+    if was_training:
+        model.train()
+    t = totals.tolist()
+    n = max(t[4], 1.0)
+    report = {"max_abs_logit_diff": float(max_abs.max()), "rel_logit_diff": math.sqrt(t[0] / max(t[1], 1e-300)),
+              "loss_train_graph": t[2] / n, "loss_merged": t[3] / n}
+    if task == "classification":
+        report.update(accuracy_train_graph=t[5] / n, accuracy_merged=t[6] / n)
+    else:
+        report.update(perplexity_train_graph=math.exp(min(t[2] / n, 50.0)),
+                      perplexity_merged=math.exp(min(t[3] / n, 50.0)))
+    return report
+
+
+# ---------------------------------------------------------------------- training callback
+
+
+class ResLoRACallback(Callback):
+    """Merge statistics during training, and the merge's approximation error at the end."""
+
+    name = "reslora"
+
+    def __init__(self, window: int = WINDOW):
+        self.stats = ResLoRAStats(window)
+
+    def state_dict(self) -> dict:
+        return self.stats.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stats.load_state_dict(state)
+
+    def configure_model(self, model):
+        self.stats.push_to(model)  # restored window (resume) or none
+        return model
+
+    def on_step_end(self, run) -> None:
+        from .. import engine as ds
+
+        self.stats.step(run.engine.module, reduce=ds.all_reduce_sum, gather=ds.gathered)
+
+    def on_train_end(self, run) -> None:
+        from .. import engine as ds
+        from ..data import Collator, eval_loader, load_splits, tokenize
+        from ..train import load_tokenizer
+
+        cfg, model = run.cfg, run.engine.module
+        tokenizer = load_tokenizer(cfg.model)
+        data = tokenize(load_splits(cfg.data, cfg.task, cfg.num_labels, cfg.seed), tokenizer, cfg.data, cfg.task)
+        batches = eval_loader(data["eval"], Collator(tokenizer, cfg.task), cfg.micro_batch_size, run.rank, run.world)
+        configured = cfg.adapter.resolved_merge_rule
+        mods = [m for _, m in reslora_modules(model)]
+        # every rule of the variant, the configured one last (it is what the modules keep)
+        rules = [r for r in RESLORA_MERGE_RULES[cfg.adapter.reslora_variant] if r != configured] + [configured]
+        for rule in rules:
+            for m in mods:
+                m.merge_rule = rule
+            try:
+                report = merge_report(model, batches, cfg.task, ds.all_reduce_sum, run.rank, run.world)
+            except RuntimeError as e:  # e.g. no statistics: a run with no complete step
+                log.warning("ResLoRA merge %r not evaluated: %s", rule, e)
+                continue
+            report.update(merge_rule=rule, configured=rule == configured)
+            run.metrics.write(run.step, "reslora_merge", report)
+            if run.rank == 0:
+                log.info("ResLoRA merge (%s): relative logit difference %.3g, max %.3g", rule,
+                         report["rel_logit_diff"], report["max_abs_logit_diff"])
+        if run.rank == 0:
+            save_reslora_stats(model, run.output_dir / "adapter")

@@ -1,0 +1,169 @@
+"""Loading an export in one call, and the parity check against the trained model."""
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..adapters import AdapterConfig, apply_adapters
+from .safetensors_io import INDEX_NAME, ExportError, _read_tensor
+
+log = logging.getLogger(__name__)
+
+SECTION = "lor2c_export"  # config.json section of an export that still has shortcuts
+EXACT_BOUND = 1e-5  # relative logit difference allowed for exact merges in fp32
+
+
+def auto_class(task: str):
+    import transformers
+
+    return transformers.AutoModelForSequenceClassification if task == "classification" \
+        else transformers.AutoModelForCausalLM
+
+
+
+def model_config(base: Path, task: str, num_labels: int | None):
+    """The transformers config training used: num_labels for a head, pad falls back to eos."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(base)
+    if task == "classification":
+        config.num_labels = num_labels
+    if getattr(config, "pad_token_id", None) is None and getattr(config, "eos_token_id", None) is not None:
+        eos = config.eos_token_id
+        config.pad_token_id = eos[0] if isinstance(eos, list) else eos
+    return config
+
+
+
+def _remove_module(model: nn.Module, name: str) -> None:
+    """Detach an adapter whose delta is already in the weights (and the hooks it put on its parent)."""
+    parent_name, _, child_name = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    child = parent._modules.pop(child_name)
+    for hooks in (parent._forward_hooks, parent._forward_pre_hooks):
+        for k in [k for k, h in hooks.items() if getattr(h, "__self__", None) is child]:
+            del hooks[k]
+            parent._forward_hooks_with_kwargs.pop(k, None)
+            parent._forward_pre_hooks_with_kwargs.pop(k, None)
+
+
+def from_pretrained(path: str | os.PathLike, **kwargs) -> nn.Module:
+    """Load an export in one call: plain transformers when nothing is left unfolded; otherwise the
+    backbone through transformers plus the LoR2C shortcuts from the same shards."""
+    import transformers
+    from transformers import CONFIG_MAPPING
+
+    path = Path(path)
+    raw = json.loads((path / "config.json").read_text())
+    cls = getattr(transformers, raw["architectures"][0])
+    section = raw.pop(SECTION, None)
+    if section is None:
+        return cls.from_pretrained(path, **kwargs)
+    raw["model_type"] = section["model_type"]
+    config = CONFIG_MAPPING[raw["model_type"]].from_dict(raw)
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # the shortcut keys are expected "unexpected" keys
+    try:
+        model, info = cls.from_pretrained(path, config=config, output_loading_info=True, **kwargs)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    shortcut = set(section["shortcut_tensors"])
+    extra = sorted(set(info["unexpected_keys"]) - shortcut)
+    if info["missing_keys"] or extra:
+        raise ExportError(f"{path} does not match its config: missing {sorted(info['missing_keys'])[:5]}, "
+                          f"unexpected {extra[:5]}")
+    apply_adapters(model, AdapterConfig.from_dict(section["adapter_config"]))
+    if section.get("layout"):
+        from ..adapters import set_layout
+
+        set_layout(model, section["layout"])
+    for name in section["removed_modules"]:
+        _remove_module(model, name)
+    weight_map = json.loads((path / INDEX_NAME).read_text())["weight_map"]
+    params = dict(model.named_parameters())
+    lacking = sorted(set(params) - set(weight_map))
+    if lacking:
+        raise ExportError(f"{path} lacks tensors {lacking[:5]}")
+    with torch.no_grad():
+        for key in section["shortcut_tensors"]:
+            params[key].copy_(_read_tensor(path / weight_map[key], key).to(params[key].dtype))
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def _synthetic_batches(vocab: int, n: int) -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    return [{"input_ids": torch.randint(0, vocab, (4, 16), generator=g),
+             "attention_mask": torch.ones(4, 16, dtype=torch.long)} for _ in range(n)]
+
+
+def parity_batches(base: Path, task: str, vocab: int, n: int, train_cfg) -> tuple[list[dict], str]:
+    """`n` held-out batches from the run's data when it is at hand, else deterministic token batches."""
+    if train_cfg is not None and Path(train_cfg.data.path).is_file():
+        from transformers import AutoTokenizer
+
+        from ..data import Collator, load_splits, tokenize
+
+        tokenizer = AutoTokenizer.from_pretrained(base)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        splits = load_splits(train_cfg.data, task, train_cfg.num_labels, train_cfg.seed)
+        held_out = splits["eval"].select(range(min(4 * n, len(splits["eval"]))))
+        rows = list(tokenize({"eval": held_out}, tokenizer, train_cfg.data, task)["eval"])
+        collate = Collator(tokenizer, task)
+        batches = [collate([dict(r) for r in rows[i:i + 4]]) for i in range(0, len(rows), 4)]
+        return [{k: b[k] for k in ("input_ids", "attention_mask")} for b in batches], \
+            f"held-out split of {train_cfg.data.path}"
+    return _synthetic_batches(vocab, n), "synthetic token batches (seed 0)"
+
+
+@torch.no_grad()
+def logits_of(model: nn.Module, batches: list[dict]) -> list[torch.Tensor]:
+    model.eval()
+    return [model(**b).logits.float() for b in batches]
+
+
+def compare(ref: list[torch.Tensor], got: list[torch.Tensor], batches: list[dict], task: str) -> tuple[float, float]:
+    """(max abs difference, that over the max abs reference logit) over the scored positions."""
+    max_abs, scale = 0.0, 0.0
+    for r, g, b in zip(ref, got, batches):
+        if task == "causal_lm":
+            keep = b["attention_mask"].bool()
+            r, g = r[keep], g[keep]
+        max_abs = max(max_abs, (r - g).abs().max().item())
+        scale = max(scale, r.abs().max().item())
+    return max_abs, max_abs / max(scale, 1e-30)
+
+
+def parity(adapter_dir: Path, base: Path, exported: Path, plan, train_cfg, n: int,
+           exported_dtype: torch.dtype) -> dict | None:
+    """The trained model (base + adapters, as training computed it) against the export, one at a time."""
+    if n <= 0:
+        return None
+    from ..adapters import load_adapters
+
+    batches, source = parity_batches(base, plan.task, plan.hf_config.vocab_size, n, train_cfg)
+    ref_model = auto_class(plan.task).from_pretrained(base, config=model_config(base, plan.task, getattr(
+        plan.hf_config, "num_labels", None)), dtype=torch.float32)
+    load_adapters(ref_model, adapter_dir)
+    ref = logits_of(ref_model, batches)
+    del ref_model
+    gc.collect()
+    model = from_pretrained(exported, dtype=exported_dtype)
+    got = logits_of(model, batches)
+    del model
+    max_abs, rel = compare(ref, got, batches, plan.task)
+    bound = EXACT_BOUND if plan.exact and exported_dtype == torch.float32 else None
+    result = {"batches": len(batches), "source": source, "max_abs_diff": max_abs, "max_rel_diff": rel,
+              "bound": bound, "passed": None if bound is None else rel <= bound,
+              "what": "exact merge" if plan.exact else "approximate merge (its error, reported)"}
+    log.info("parity: max abs logit difference %.3g, relative %.3g (%s)", max_abs, rel, source)
+    return result
+
+

@@ -1,0 +1,353 @@
+"""Merge-on-save export: folding every method, loading the result, PEFT, idempotence, refusals,
+partial writes, the live ZeRO-3 engine against its export, and the streaming memory bound."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_input_ids, make_model
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from launcher.export import main as export_main
+from lor2c_ds import AdapterConfig, apply_adapters, save_adapters
+from lor2c_ds.assets import default_home
+from lor2c_ds.export import ExportError, export, from_pretrained
+
+REPO = Path(__file__).resolve().parents[1]
+HOME = default_home()
+MINILM = HOME / "models" / "all-MiniLM-L6-v2"
+SMOLLM = HOME / "models" / "SmolLM2-135M-Instruct"
+POLARITY = HOME / "data" / "polarity-en-pang-lee2.csv"
+CHITCHAT = HOME / "data" / "chitchat.jsonl"
+needs_assets = pytest.mark.skipif(
+    not (MINILM.is_dir() and SMOLLM.is_dir() and POLARITY.is_file() and CHITCHAT.is_file()) and not os.environ.get("CI"),
+    reason="run lor2c-assets first (CI always does)")
+
+# A script that loads an export with transformers alone and proves lor2c_ds was never imported.
+PLAIN_LOAD = """
+import sys, torch
+from safetensors.torch import load_file, save_file
+import transformers
+path, cls_name, inputs, out = sys.argv[1:]
+model = getattr(transformers, cls_name).from_pretrained(path).eval()
+x = load_file(inputs)
+with torch.no_grad():
+    logits = model(input_ids=x["input_ids"], attention_mask=x["attention_mask"]).logits.float()
+assert not [m for m in sys.modules if m.startswith("lor2c_ds")]
+save_file({"logits": logits.contiguous()}, out)
+"""
+
+
+def fake_run(tmp: Path, family: str, seed: int = 5, **adapter) -> tuple[Path, Path, torch.nn.Module]:
+    """A base model directory and an adapter checkpoint with non-trivial (random) trained values."""
+    base, ckpt = tmp / f"{family}_base", tmp / f"{family}_ckpt"
+    make_model(family).save_pretrained(base, max_shard_size="40KB")  # several base shards
+    model = make_model(family)
+    apply_adapters(model, AdapterConfig(r=4, alpha=8, **adapter))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+    save_adapters(model, ckpt)
+    return base, ckpt, model.eval()
+
+
+def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / a.abs().max()).item()
+
+
+def digests(directory: Path) -> dict[str, str]:
+    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(directory.glob("*.safetensors"))}
+
+
+# ---------------------------------------------------------------------------------------------- fast
+
+CASES = {
+    "llama-lora": ("llama", dict(method="lora", targets=["q", "v", "down"])),
+    "gpt2-lora-fused": ("gpt2", dict(method="lora", targets=["q", "v", "o"])),  # Conv1D, c_attn slices
+    "bert-lora": ("bert", dict(method="lora", targets=["q", "o", "down"])),
+    "bert-lor2c": ("bert", dict(method="lor2c", spans=[[0, 1], [2, 2]])),
+    "llama-share_lor2c": ("llama", dict(method="share_lor2c")),
+    "llama-reslora-bs": ("llama", dict(method="reslora", reslora_variant="bs", pre_num=2)),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_export_equals_trained_model(tmp_path, case):
+    family, adapter = CASES[case]
+    base, ckpt, model = fake_run(tmp_path, family, **adapter)
+    out = tmp_path / "export"
+    report = export(ckpt, base, out, max_shard_size="30KB", parity_batches=2)
+    assert report["parity"]["passed"] and report["parity"]["max_rel_diff"] <= 1e-5
+    assert json.loads((out / "export_report.json").read_text()) == report
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) == len(report["shards"]) > 1
+    for shard in report["shards"]:
+        with safe_open(str(out / shard), "pt") as f:
+            assert f.metadata() == {"format": "pt"}
+            assert all(index["weight_map"][k] == shard for k in f.keys())
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    ids = make_input_ids()
+    exported = from_pretrained(out)
+    with torch.no_grad():
+        assert rel_diff(model(input_ids=ids).logits, exported(input_ids=ids).logits) <= 1e-5
+    shortcuts = adapter["method"] in ("lor2c", "share_lor2c")
+    assert report["plain_transformers"] is not shortcuts
+    assert bool(report["shortcut_tensors"]) is shortcuts
+    assert all(k.startswith("lor2c.") for k in report["shortcut_tensors"])
+    assert not any("lora_" in k for k in index["weight_map"] if not k.startswith("lor2c."))  # all folded
+
+
+def test_reslora_approximate_merge_reports_its_error(tmp_path):
+    from lor2c_ds.adapters.reslora import reslora_modules, save_reslora_stats
+
+    base, ckpt, model = fake_run(tmp_path, "llama", method="reslora", reslora_variant="is")
+    for i, (_, m) in enumerate(reslora_modules(model)):
+        m.stats = (1.0 + 0.1 * i, 0.5, float("nan"))
+    save_reslora_stats(model, ckpt)
+    report = export(ckpt, base, tmp_path / "out", parity_batches=2)
+    assert report["exact_merge"] is False and report["parity"]["bound"] is None
+    assert report["parity"]["max_rel_diff"] > 0  # an approximation, reported, not failed
+    assert (tmp_path / "out" / "adapter" / "reslora_stats.json").is_file()
+
+
+def test_lora_export_is_plain_transformers(tmp_path):
+    base, ckpt, model = fake_run(tmp_path, "llama", method="lora")
+    out = tmp_path / "export"
+    export(ckpt, base, out, parity_batches=1)
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "llama" and "lor2c_export" not in config
+    ids = make_input_ids()
+    from safetensors.torch import save_file
+
+    save_file({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, str(tmp_path / "x.safetensors"))
+    proc = subprocess.run([sys.executable, "-c", PLAIN_LOAD, str(out), "AutoModelForCausalLM",
+                           str(tmp_path / "x.safetensors"), str(tmp_path / "y.safetensors")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with torch.no_grad():
+        assert rel_diff(model(input_ids=ids).logits, load_file(str(tmp_path / "y.safetensors"))["logits"]) <= 1e-5
+
+
+def test_shortcut_export_never_loads_silently_without_lor2c_ds(tmp_path):
+    import transformers
+
+    base, ckpt, _ = fake_run(tmp_path, "llama", method="lor2c")
+    out = tmp_path / "export"
+    report = export(ckpt, base, out, parity_batches=0)
+    config = json.loads((out / "config.json").read_text())
+    assert config["lor2c_export"]["spans"] == [[0, 0], [1, 1], [2, 2]]
+    with pytest.raises(ValueError, match="lor2c_llama"):
+        transformers.AutoModelForCausalLM.from_pretrained(out)
+    # An explicit class loads the backbone but reports every shortcut tensor as unused.
+    _, info = transformers.LlamaForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert set(report["shortcut_tensors"]) <= set(info["unexpected_keys"])
+
+
+@pytest.mark.parametrize("family,task_cls", [("llama", "AutoModelForCausalLM"),
+                                             ("bert", "AutoModelForSequenceClassification")])
+def test_peft_round_trip(tmp_path, family, task_cls):
+    import transformers
+    from peft import PeftModel
+
+    base, ckpt, model = fake_run(tmp_path, family, method="lora", targets=["q", "v"])
+    out = tmp_path / "export"
+    report = export(ckpt, base, out, parity_batches=0)
+    assert report["peft"] == "peft"
+    plain = getattr(transformers, task_cls).from_pretrained(base)
+    peft_model = PeftModel.from_pretrained(plain, out / "peft").eval()
+    ids = make_input_ids()
+    with torch.no_grad():
+        assert rel_diff(model(input_ids=ids).logits, peft_model(input_ids=ids).logits) <= 1e-5
+
+
+def test_reexport_is_byte_identical_and_bf16(tmp_path):
+    base, ckpt, _ = fake_run(tmp_path, "gpt2", method="lora", targets=["q", "o"])
+    export(ckpt, base, tmp_path / "a", max_shard_size="50KB", parity_batches=0)
+    export(ckpt, base, tmp_path / "b", max_shard_size="50KB", parity_batches=0)
+    first = digests(tmp_path / "a")
+    assert first == digests(tmp_path / "b") and len(first) > 1
+    export(ckpt, base, tmp_path / "a", max_shard_size="50KB", parity_batches=0, overwrite=True)
+    assert digests(tmp_path / "a") == first
+    report = export(ckpt, base, tmp_path / "h", dtype="bf16", parity_batches=1)
+    assert json.loads((tmp_path / "h" / "config.json").read_text())["dtype"] == "bfloat16"
+    assert report["parity"]["bound"] is None and report["parity"]["max_rel_diff"] < 0.05
+    with safe_open(str(tmp_path / "h" / report["shards"][0]), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+
+
+def test_bad_input_is_one_line_and_touches_nothing(tmp_path, capsys):
+    base, ckpt, _ = fake_run(tmp_path, "bert", method="lor2c")
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "keep.txt").write_text("mine")
+    cases = {
+        "does not exist": ["--checkpoint", str(tmp_path / "nope"), "--base", str(base), "--out", str(tmp_path / "o")],
+        "no config.json": ["--checkpoint", str(ckpt), "--base", str(tmp_path / "nobase"), "--out", str(tmp_path / "o")],
+        "holds no adapter_config.json": ["--checkpoint", str(base), "--base", str(base), "--out", str(tmp_path / "o")],
+        "not empty": ["--checkpoint", str(ckpt), "--base", str(base), "--out", str(full)],
+    }
+    for message, argv in cases.items():
+        assert export_main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("lor2c-export: error: ") and message in err[0], err
+    assert not (tmp_path / "o").exists() and [p.name for p in full.iterdir()] == ["keep.txt"]
+    assert not list(tmp_path.glob(".*partial*"))
+
+
+KILL_MIDWAY = """
+import os, signal, sys
+from lor2c_ds.export import merge
+written = []
+real = merge._write_shard
+def write_then_die(*args, **kwargs):
+    real(*args, **kwargs)
+    written.append(1)
+    if len(written) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+merge._write_shard = write_then_die
+merge.export(sys.argv[1], sys.argv[2], sys.argv[3], max_shard_size="20KB", parity_batches=0)
+"""
+
+
+def test_killed_export_leaves_no_complete_looking_output(tmp_path):
+    base, ckpt, _ = fake_run(tmp_path, "llama", method="lora")
+    out = tmp_path / "export"
+    proc = subprocess.run([sys.executable, "-c", KILL_MIDWAY, str(ckpt), str(base), str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert not out.exists()
+    partial = list(tmp_path.glob(".export.partial-*"))
+    assert len(partial) == 1 and len(list(partial[0].glob("*.safetensors"))) == 2
+    assert not (partial[0] / "config.json").exists() and not (partial[0] / "model.safetensors.index.json").exists()
+    export(ckpt, base, out, parity_batches=0)  # the next export cleans the leftover up
+    assert not list(tmp_path.glob(".export.partial-*")) and (out / "export_report.json").is_file()
+
+
+# ---------------------------------------------------------------------------------------------- slow
+
+
+@pytest.fixture(scope="module")
+def probe_runs(tmp_path_factory):
+    """One 2-rank ZeRO-3 torchrun: a tiny LLaMA with LoRA (causal LM) and the real MiniLM with LoR2C
+    (classification), each trained 3 steps, checkpointed, with the live engine's logits."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    import yaml
+
+    from launcher.train import free_port
+
+    root = tmp_path_factory.mktemp("probe")
+    llama = root / "tiny_llama"
+    tokenizer = AutoTokenizer.from_pretrained(SMOLLM)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                 intermediate_size=128, vocab_size=len(tokenizer), tie_word_embeddings=True,
+                                 eos_token_id=tokenizer.eos_token_id)).save_pretrained(llama)
+    tokenizer.save_pretrained(llama)
+    common = dict(global_batch_size=4, micro_batch_size=2, lr=5e-3, max_steps=3, eval_before=False)
+    recipes = {
+        "llama_lora": dict(model=str(llama), task="causal_lm", adapter={"method": "lora", "r": 4, "alpha": 8,
+                                                                        "targets": ["q", "v", "down"]},
+                           data={"path": str(CHITCHAT), "max_length": 32, "max_eval_examples": 8}, **common),
+        "minilm_lor2c": dict(model=str(MINILM), task="classification",
+                             adapter={"method": "lor2c", "r": 4, "alpha": 8, "spans": [[0, 1], [2, 2], [4, 5]]},
+                             data={"path": str(POLARITY), "format": "polarity_csv", "max_length": 32,
+                                   "max_eval_examples": 8}, **common),
+    }
+    pairs = []
+    for name, recipe in recipes.items():
+        (root / f"{name}.yaml").write_text(yaml.safe_dump(recipe))
+        pairs.append(f"{name}={root / f'{name}.yaml'}")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--rdzv-backend=c10d",
+           f"--rdzv-endpoint=127.0.0.1:{free_port()}", str(REPO / "tests" / "export_probe.py"), str(root / "runs"),
+           *pairs]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return root
+
+
+@pytest.mark.slow
+@needs_assets
+def test_llama_export_equals_live_zero3_engine(probe_runs, tmp_path):
+    run = probe_runs / "runs" / "llama_lora"
+    out = tmp_path / "export"
+    proc = subprocess.run([sys.executable, "-m", "launcher.export", "--checkpoint", str(run / "checkpoints" / "step_3"),
+                           "--base", str(probe_runs / "tiny_llama"), "--out", str(out), "--max-shard-size", "2MB"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "export_report.json").read_text())
+    assert report["parity"]["passed"] and report["parity"]["source"].startswith("held-out split of")
+    assert len(report["shards"]) > 1 and report["plain_transformers"]
+    assert (out / "tokenizer.json").is_file()
+    live = load_file(str(run / "engine_logits.safetensors"))
+    proc = subprocess.run([sys.executable, "-c", PLAIN_LOAD, str(out), "AutoModelForCausalLM",
+                           str(run / "engine_logits.safetensors"), str(tmp_path / "y.safetensors")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    keep = live["attention_mask"].bool()
+    got = load_file(str(tmp_path / "y.safetensors"))["logits"]
+    assert rel_diff(live["logits"][keep], got[keep]) <= 1e-5
+
+
+@pytest.mark.slow
+@needs_assets
+def test_minilm_export_equals_live_zero3_engine(probe_runs, tmp_path):
+    run = probe_runs / "runs" / "minilm_lor2c"
+    out = tmp_path / "export"
+    report = export(run, MINILM, out)  # the run directory: its newest complete checkpoint
+    assert report["checkpoint"].endswith("step_3") and report["task"] == "classification"
+    assert report["parity"]["passed"] and report["shortcut_tensors"]
+    live = load_file(str(run / "engine_logits.safetensors"))
+    model = from_pretrained(out)
+    assert type(model).__name__ == "BertForSequenceClassification"
+    with torch.no_grad():
+        got = model(input_ids=live["input_ids"], attention_mask=live["attention_mask"]).logits
+    assert rel_diff(live["logits"], got) <= 1e-5
+
+
+@pytest.mark.slow
+def test_peak_memory_stays_near_one_tensor(tmp_path):
+    """The streaming merge of a 142 MB model (several base shards) raises peak RSS by a fraction of it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def write(path: Path, **size):
+        config = LlamaConfig(vocab_size=8000, num_attention_heads=8, num_key_value_heads=8,
+                             tie_word_embeddings=False, **size)
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config)
+        model.save_pretrained(path, max_shard_size="40MB")
+        apply_adapters(model, AdapterConfig(method="lora", r=8, alpha=16))
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.normal_(0, 0.01)
+        save_adapters(model, path / "ckpt")
+        return sum(f.stat().st_size for f in path.glob("*.safetensors"))
+
+    write(tmp_path / "small", hidden_size=64, intermediate_size=128, num_hidden_layers=2)
+    size = write(tmp_path / "big", hidden_size=512, intermediate_size=1536, num_hidden_layers=8)
+    assert size > 130e6
+    script = f"""
+import json, resource
+from lor2c_ds.export import export
+base = {str(tmp_path)!r}
+export(base + "/small/ckpt", base + "/small", base + "/out_small", parity_batches=0)  # imports, warm paths
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+export(base + "/big/ckpt", base + "/big", base + "/out_big", parity_batches=0, max_shard_size="50MB")
+print(json.dumps({{"before_kb": before, "after_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}}))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rss = json.loads(proc.stdout.strip().splitlines()[-1])
+    increase = (rss["after_kb"] - rss["before_kb"]) * 1024
+    assert increase < 0.35 * size, f"peak RSS rose by {increase / 1e6:.0f} MB for a {size / 1e6:.0f} MB model"
+    assert len(list((tmp_path / "out_big").glob("*.safetensors"))) >= 3
