@@ -163,10 +163,10 @@ def load_adapters(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     config = AdapterConfig.from_dict(raw)
     if not hasattr(model, "adapter_config"):
         apply_adapters(model, config)
-    if layout:
-        set_layout(model, layout)
     elif model.adapter_config.to_dict() != config.to_dict():
         raise ValueError(f"the model's adapters differ from the ones saved in {directory}")
+    if layout:
+        set_layout(model, layout)
     state = load_file(str(directory / WEIGHTS_NAME))
     expected = {n for n, p in model.named_parameters() if p.requires_grad}
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)

@@ -244,13 +244,18 @@ def reslora_modules(model: nn.Module) -> list[tuple[str, ResLoRA]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, ResLoRA)]
 
 
+def _no_gather(params):
+    return contextlib.nullcontext()
+
+
 @contextlib.contextmanager
-def merged_view(model: nn.Module):
+def merged_view(model: nn.Module, gather=_no_gather):
     """Inside, every ResLoRA block adds (W'_n - W_n) x_n instead of its training-time output: the
-    merged model's function, without touching W (works on a ZeRO-3 partitioned backbone)."""
+    merged model's function, without touching W (works on a ZeRO-3 partitioned backbone).
+    `gather(params)` makes the adapter weights whole outside a forward (ZeRO-3)."""
     mods = [m for _, m in reslora_modules(model)]
-    with torch.no_grad():
-        deltas = [m.delta_weight().detach() for m in mods]
+    with torch.no_grad(), gather([p for m in mods for p in (m.lora_A.weight, m.lora_B.weight)]):
+        deltas = [m.delta_weight().detach().clone() for m in mods]
     for m, d in zip(mods, deltas):
         m._merged_delta = d
     try:
@@ -355,12 +360,12 @@ class ResLoRAStats:
 def weight_norms(model: nn.Module, mods: list[ResLoRA], gather=None) -> torch.Tensor:
     """||W_n + s B_n A_n||_F per module, computed out of place (W is never written). Under ZeRO-3,
     `gather` makes one projection's weight whole at a time."""
-    gather = gather or (lambda params: contextlib.nullcontext())
+    gather = gather or _no_gather
     parents = {id(m): model.get_submodule(n.rpartition(".")[0]) for n, m in reslora_modules(model)}
     out = []
     for m in mods:
         proj = parents[id(m)]
-        with gather([proj.weight]):
+        with gather([proj.weight, m.lora_A.weight, m.lora_B.weight]):
             W = proj.weight if isinstance(proj, nn.Linear) else proj.weight.T
             width = m.lora_B.weight.shape[0]
             W = W[m.chunk * width:(m.chunk + 1) * width]
@@ -401,7 +406,8 @@ def load_reslora_stats(model: nn.Module, directory) -> nn.Module:
 
 
 @torch.no_grad()
-def merge_report(model: nn.Module, batches, task: str, reduce=lambda t: t, rank: int = 0, world: int = 1) -> dict:
+def merge_report(model: nn.Module, batches, task: str, reduce=lambda t: t, rank: int = 0, world: int = 1,
+                 gather=_no_gather) -> dict:
     """The training-time graph against the merged model on held-out `batches`: logits difference
     (max abs, relative Frobenius) over scored positions, and both models' metric. `reduce` sums over
     ranks (each rank passes its own shard). The frozen weights are only read."""
@@ -416,7 +422,7 @@ def merge_report(model: nn.Module, batches, task: str, reduce=lambda t: t, rank:
         batch = {k: v.to(device) for k, v in batch.items()}
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         ref = model(**inputs).logits.float()
-        with merged_view(model):
+        with merged_view(model, gather):
             merged = model(**inputs).logits.float()
         labels = scored_labels(batch, task)
         if task == "classification":
@@ -491,7 +497,7 @@ class ResLoRACallback(Callback):
             for m in mods:
                 m.merge_rule = rule
             try:
-                report = merge_report(model, batches, cfg.task, ds.all_reduce_sum, run.rank, run.world)
+                report = merge_report(model, batches, cfg.task, ds.all_reduce_sum, run.rank, run.world, ds.gathered)
             except RuntimeError as e:  # e.g. no statistics: a run with no complete step
                 log.warning("ResLoRA merge %r not evaluated: %s", rule, e)
                 continue
@@ -501,4 +507,4 @@ class ResLoRACallback(Callback):
                 log.info("ResLoRA merge (%s): relative logit difference %.3g, max %.3g", rule,
                          report["rel_logit_diff"], report["max_abs_logit_diff"])
         if run.rank == 0:
-            save_reslora_stats(model, run.output_dir / "adapter")
+            save_reslora_stats(model, run.output_dir / "adapter")  # beside the adapter saved next

@@ -65,7 +65,7 @@ def from_pretrained(path: str | os.PathLike, **kwargs) -> nn.Module:
     section = raw.pop(SECTION, None)
     if section is None:
         return cls.from_pretrained(path, **kwargs)
-    raw["model_type"] = section["model_type"]
+    raw["model_type"] = section["base_model_type"]
     config = CONFIG_MAPPING[raw["model_type"]].from_dict(raw)
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # the shortcut keys are expected "unexpected" keys

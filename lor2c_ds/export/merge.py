@@ -223,7 +223,7 @@ def _write_config(plan: Plan, tmp: Path, out_dtype: torch.dtype | None, base_dty
         raw["model_type"] = f"lor2c_{model_type}"
         cfg = plan.adapter_config
         raw[SECTION] = {
-            "model_type": model_type, "task": plan.task,
+            "base_model_type": model_type, "task": plan.task,
             "note": "LoR2C shortcuts are stored in the shards under lor2c.*; load with "
                     "lor2c_ds.export.from_pretrained(path), plain transformers would drop them",
             "adapter_config": cfg.to_dict(),
