@@ -190,6 +190,7 @@ def test_bad_input_is_one_line_and_touches_nothing(tmp_path, capsys):
     full = tmp_path / "full"
     full.mkdir()
     (full / "keep.txt").write_text("mine")
+    capsys.readouterr()  # the setup's progress bars
     cases = {
         "does not exist": ["--checkpoint", str(tmp_path / "nope"), "--base", str(base), "--out", str(tmp_path / "o")],
         "no config.json": ["--checkpoint", str(ckpt), "--base", str(tmp_path / "nobase"), "--out", str(tmp_path / "o")],

@@ -227,21 +227,22 @@ def test_statistics_are_window_means_of_the_norms(family, variant, rule):
     expected_rows = []
     for step in range(5):
         xs.clear()
-        for micro in range(2):  # two micro-batches per optimizer step
-            model(input_ids=make_input_ids(seed=step * 10 + micro)).logits.sum().backward()
+        for micro in range(2):  # two micro-batches per optimizer step, of different sizes
+            model(input_ids=make_input_ids(batch=2 + micro, seed=step * 10 + micro)).logits.sum().backward()
         with torch.no_grad():
             # evaluation and no-grad forwards record nothing
             model.eval()
             model(input_ids=make_input_ids(seed=99))
             model.train()
         rows = []
-        for n in range(L):
-            inp = sum(x.norm().item() for x in xs[n]) / 2
+        for n in range(L):  # per-token norms, averaged over every token of the step
+            tokens = sum(x.shape[0] * x.shape[1] for x in xs[n])
+            inp = sum(x.norm(dim=-1).sum().item() for x in xs[n]) / tokens
             if variant == "ms":
-                mid = sum((x @ res[n].lora_A.weight.T).norm().item() for x in xs[n]) / 2
+                mid = sum((x @ res[n].lora_A.weight.T).norm(dim=-1).sum().item() for x in xs[n]) / tokens
             else:
-                mid = sum(((x + (xs[n - 1][j] if n else x)) @ res[n].lora_A.weight.T).norm().item()
-                          for j, x in enumerate(xs[n])) / 2
+                mid = sum(((x + (xs[n - 1][j] if n else x)) @ res[n].lora_A.weight.T).norm(dim=-1).sum().item()
+                          for j, x in enumerate(xs[n])) / tokens
             W = mods[n].weight if isinstance(mods[n], nn.Linear) else mods[n].weight.T
             width = res[n].lora_B.weight.shape[0]
             W = W[proj.chunk * width:(proj.chunk + 1) * width]

@@ -15,13 +15,13 @@ and B_{n-k} through the shortcuts. No parameters beyond LoRA's.
 Merged weights (Linear layout, d_out x d_in), with f the moving means of recorded norms:
 
     bs (exact):    W'_n = W_n + s sum_{k=0..m} B_{n-k} A_{n-k}
-    is, inputs:    W'_n = W_n + (1 + f_{n-1}/f_n) s B_n A_n,             f = mean ||x_n||_F   (f_{-1} := f_0)
+    is, inputs:    W'_n = W_n + (1 + f_{n-1}/f_n) s B_n A_n,             f = mean ||x_n||   (f_{-1} := f_0)
     is, weights:   W'_n = W_n + (1 + f_{n-2}/f_{n-1}) s B_n A_n,         f = ||W_n + s B_n A_n||_F
                    (the ratio is taken as 1 for the first two blocks)
-    ms, inputs:    W'_n = W_n + s B_n (A_n + sum_{k=1..m} (f_{n-k}/f_n) A_{n-k}),   f = mean ||x_n||_F
-    ms, middle:    W'_n = W_n + (1 + sum_{k=1..m} f_{n-k}/f_n) s B_n A_n,           f = mean ||a_n||_F
+    ms, inputs:    W'_n = W_n + s B_n (A_n + sum_{k=1..m} (f_{n-k}/f_n) A_{n-k}),   f = mean ||x_n||
+    ms, middle:    W'_n = W_n + (1 + sum_{k=1..m} f_{n-k}/f_n) s B_n A_n,           f = mean ||a_n||
 
-Norms are Frobenius norms of a whole micro-batch tensor; ratios of them are what the merges use.
+The mean norms are per token (see Statistics); only their ratios enter the merges.
 
 Wiring: each block's module is a child of its projection (`<proj>.reslora_<target>`, weights under
 `lora_A` / `lora_B`) and adds its output through a forward hook (a bound method: deep copies rebind).
@@ -29,10 +29,13 @@ The modules of one target know each other through a `ResLoRAGroup`, a plain obje
 sub-module, so every weight is stored once. The group holds the current forward's x_n / a_n only:
 it is cleared by a model forward pre-hook and when layer 0 runs, and after the forward.
 
-Statistics: in training mode each module adds (||x_n||, ||a_n||, 1) into an on-device accumulator
-once per model forward (no host sync). `ResLoRACallback` sums them over micro-batches and ranks once
-per optimizer step (one all-reduce of one flat tensor), keeps the per-step means of the last 100
-steps, and hands the window means to the modules. It is saved in checkpoints as JSON.
+Statistics: in training mode each module adds the per-token norms sum_t ||x_{n,t}||, sum_t ||a_{n,t}||
+and the token count (padding excluded, from the model's attention mask) into an on-device
+accumulator, once per model forward (no host sync). `ResLoRACallback` sums them over micro-batches
+and ranks once per optimizer step (one all-reduce of one flat tensor), keeps the per-step means of
+the last 100 steps, and hands the window means to the modules; it is saved in checkpoints as JSON.
+Per-token means (rather than the Frobenius norm of a whole micro-batch tensor) make the statistics
+independent of how a global batch is split into micro-batches and ranks, and of padding.
 
 Activation checkpointing: the recomputed block forward would read x_{n-1} / a_{n-k} held from the
 original forward, outside the checkpoint's bookkeeping; rather than risk wrong gradients, is and ms
@@ -78,10 +81,12 @@ class ResLoRAGroup:
         self.members: list[ResLoRA] = []
         self.blocks = blocks
         self.saved: dict[int, torch.Tensor] = {}  # x_n (is) or a_n (ms) of this forward
+        self.mask: torch.Tensor | None = None  # this forward's attention mask: padding is not counted
         self.forward_id = 0  # bumped per model forward: statistics are recorded once per forward
 
     def start_forward(self, model, args=None, kwargs=None):
         self.saved.clear()
+        self.mask = (kwargs or {}).get("attention_mask")
         self.forward_id += 1
         if self.variant != "bs" and model.training and torch.is_grad_enabled() and _checkpointing(self.blocks):
             raise RuntimeError(
@@ -91,6 +96,7 @@ class ResLoRAGroup:
 
     def end_forward(self, model, args, kwargs, output):
         self.saved.clear()
+        self.mask = None
 
 
 class ResLoRA(nn.Module):
@@ -106,7 +112,7 @@ class ResLoRA(nn.Module):
         self.group, self.index = group, index  # plain attributes, not sub-modules
         self.merge_rule = "exact"
         self.stats: tuple[float, float, float] | None = None  # window means, set by the callback
-        self.acc: torch.Tensor | None = None  # (sum ||x||, sum ||a||, forwards) since the last step
+        self.acc: torch.Tensor | None = None  # (sum ||x_t||, sum ||a_t||, tokens) since the last step
         self._recorded = -1
         self._merged_delta: torch.Tensor | None = None  # set inside `merged_view`
 
@@ -151,8 +157,10 @@ class ResLoRA(nn.Module):
             out = self.lora_B(mid)
         if self.training and torch.is_grad_enabled() and self._recorded != group.forward_id:
             self._recorded = group.forward_id
-            norms = torch.stack([x.detach().float().norm(), a.detach().float().norm(),
-                                 torch.ones((), device=x.device)]).double()
+            xn, an = x.detach().float().norm(dim=-1), a.detach().float().norm(dim=-1)
+            mask = group.mask
+            w = mask.to(xn) if mask is not None and mask.shape == xn.shape else torch.ones_like(xn)
+            norms = torch.stack([(xn * w).sum(), (an * w).sum(), w.sum()]).double()
             self.acc = norms if self.acc is None else self.acc + norms
         return out * self.scaling
 
