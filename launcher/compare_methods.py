@@ -63,6 +63,8 @@ def main(argv=None) -> int:
     lines = ["| method | trainable params | held-out accuracy (mean ± sd) | seeds |", "|---|---|---|---|"]
     for method in args.methods.split(","):
         runs = [v for k, v in results.items() if k.split("|")[0] == method]
+        if not runs:
+            continue
         accs = [r["accuracy"] for r in runs]
         sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
         lines.append(f"| {method} | {runs[0]['trainable']:,d} | {statistics.mean(accs):.4f} ± {sd:.4f} | {len(runs)} |")

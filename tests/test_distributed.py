@@ -41,34 +41,28 @@ def metrics(output_dir: Path, kind: str) -> list[dict]:
     return [r for r in rows if r["kind"] == kind]
 
 
-@pytest.fixture(scope="session")
-def tiny_bert(tmp_path_factory) -> Path:
-    """A random 2-block BERT with the real MiniLM tokenizer; no dropout, so runs are deterministic."""
+def save_tiny_bert(path: Path, layers: int) -> Path:
+    """A random BERT (hidden 64) with the real MiniLM tokenizer; no dropout, so runs are deterministic."""
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-    path = tmp_path_factory.mktemp("tiny_bert")
     torch.manual_seed(0)
-    BertForSequenceClassification(BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+    BertForSequenceClassification(BertConfig(hidden_size=64, num_hidden_layers=layers, num_attention_heads=4,
                                              intermediate_size=128, max_position_embeddings=128,
                                              hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
                                   ).save_pretrained(path)
     AutoTokenizer.from_pretrained(MINILM).save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny_bert"), layers=2)
 
 
 @pytest.fixture(scope="session")
 def tiny_bert4(tmp_path_factory) -> Path:
-    """A random 4-block BERT (room for merges and injections), real tokenizer, no dropout."""
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    path = tmp_path_factory.mktemp("tiny_bert4")
-    torch.manual_seed(0)
-    BertForSequenceClassification(BertConfig(hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
-                                             intermediate_size=128, max_position_embeddings=128,
-                                             hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-                                  ).save_pretrained(path)
-    AutoTokenizer.from_pretrained(MINILM).save_pretrained(path)
-    return path
+    """Four blocks: room for merges and injections."""
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny_bert4"), layers=4)
 
 
 @pytest.fixture(scope="session")
