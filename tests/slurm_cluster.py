@@ -168,7 +168,13 @@ PartitionName=debug Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE St
         return all(states.get(n) == "idle" for n in self.nodes)
 
     def stop(self) -> None:
-        """Kill what start() spawned, newest first; slurmd's job steps die with their stepd."""
+        """Cancel every job, kill what start() spawned (newest first), then any process left that was
+        started for this cluster (its environment names our slurm.conf). Safe to call twice."""
+        if self.procs and self.run("scontrol", "ping", check=False).returncode == 0:
+            self.run("scancel", "--full", "--quiet", "--user=root", check=False)
+            deadline = time.monotonic() + 20
+            while self.run("squeue", "-h", "-t", "R,CG", check=False).stdout.strip() and time.monotonic() < deadline:
+                time.sleep(0.5)
         for p in reversed(self.procs):
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
@@ -179,8 +185,7 @@ PartitionName=debug Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE St
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait(timeout=5)
         self.procs.clear()
-        # slurmstepd processes are daemonised by slurmd: end any still running under our spool dir
-        for pid in _stepd_pids(self.root):
+        for pid in _pids_started_for(self.conf):
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -219,16 +224,17 @@ PartitionName=debug Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE St
             time.sleep(0.5)
 
 
-def _stepd_pids(root: Path) -> list[int]:
+def _pids_started_for(conf: Path) -> list[int]:
+    """Processes whose environment holds SLURM_CONF=<conf>: daemons, slurmstepd, job processes."""
+    marker = f"SLURM_CONF={conf}".encode()
     pids = []
     for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
             continue
         try:
-            cmdline = (proc / "cmdline").read_bytes()
-            environ = (proc / "environ").read_bytes() if b"slurmstepd" in cmdline else b""
+            environ = (proc / "environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"slurmstepd" in cmdline and str(root).encode() in environ:
+        if marker in environ:
             pids.append(int(proc.name))
     return pids

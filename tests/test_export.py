@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -107,6 +106,37 @@ def test_export_equals_trained_model(tmp_path, case):
     assert not any("lora_" in k for k in index["weight_map"] if not k.startswith("lor2c."))  # all folded
 
 
+def inject(model: torch.nn.Module, blocks: list[int]) -> None:
+    """What InjectLoR2C does at an event: the span of each block off, its q/v LoRA on."""
+    topology = model.lor2c.topology()
+    for key, (start, _, _) in topology.items():
+        if start in blocks:
+            topology[key][2] = False
+    model.lor2c.set_topology(topology)
+    for name, module in model.named_modules():
+        if hasattr(module, "delta_weight") and int(name.split(".")[2]) in blocks:
+            module.active = True
+
+
+@pytest.mark.parametrize("injected", [[1], [0, 1, 2]])
+def test_injected_lora_is_folded(tmp_path, injected):
+    base, ckpt, model = fake_run(tmp_path, "llama", method="lor2c", injections=1)
+    inject(model, injected)
+    save_adapters(model, ckpt)
+    report = export(ckpt, base, tmp_path / "out", parity_batches=2)
+    assert report["parity"]["passed"]
+    assert report["folded_weights"] == sorted(f"model.layers.{b}.self_attn.{p}_proj.weight"
+                                              for b in injected for p in "qv")
+    ids = make_input_ids()
+    with torch.no_grad():
+        assert rel_diff(model(input_ids=ids).logits, from_pretrained(tmp_path / "out")(input_ids=ids).logits) <= 1e-5
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    if len(injected) == 3:  # no shortcut left: a plain transformers checkpoint
+        assert report["plain_transformers"] and config["model_type"] == "llama"
+    else:
+        assert config["lor2c_export"]["spans"] == [[0, 0], [2, 2]]
+
+
 def test_reslora_approximate_merge_reports_its_error(tmp_path):
     from lor2c_ds.adapters.reslora import reslora_modules, save_reslora_stats
 
@@ -185,6 +215,16 @@ def test_reexport_is_byte_identical_and_bf16(tmp_path):
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
 
 
+def test_exact_merge_missing_its_bound_fails_and_writes_nothing(tmp_path, monkeypatch):
+    from lor2c_ds.export import load
+
+    base, ckpt, _ = fake_run(tmp_path, "llama", method="lora")
+    monkeypatch.setattr(load, "EXACT_BOUND", 0.0)  # fp32 rounding (~1e-7) now misses it
+    with pytest.raises(ExportError, match="exact merge missed its bound"):
+        export(ckpt, base, tmp_path / "out", parity_batches=1)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
+
+
 def test_bad_input_is_one_line_and_touches_nothing(tmp_path, capsys):
     base, ckpt, _ = fake_run(tmp_path, "bert", method="lor2c")
     full = tmp_path / "full"
@@ -203,6 +243,39 @@ def test_bad_input_is_one_line_and_touches_nothing(tmp_path, capsys):
         assert len(err) == 1 and err[0].startswith("lor2c-export: error: ") and message in err[0], err
     assert not (tmp_path / "o").exists() and [p.name for p in full.iterdir()] == ["keep.txt"]
     assert not list(tmp_path.glob(".*partial*"))
+
+
+def test_export_from_the_training_config(tmp_path, capsys):
+    """`lor2c-export --config RECIPE`: the run's newest complete checkpoint, base and dtype from the recipe;
+    and training's merge-on-save hook, run here without a process group."""
+    import shutil
+
+    import yaml
+
+    from lor2c_ds.config import load_config
+    from lor2c_ds.export import export_run_checkpoint
+
+    base, ckpt, model = fake_run(tmp_path, "bert", method="lora")
+    run = tmp_path / "run"
+    for step in (1, 2):
+        shutil.copytree(ckpt, run / "checkpoints" / f"step_{step}")
+        (run / "checkpoints" / f"step_{step}" / "run_state.json").write_text("{}")
+    (run / "checkpoints" / "latest").write_text("step_2\n")
+    shutil.copytree(ckpt, run / "checkpoints" / "step_3")  # partial: no run_state.json, never chosen
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"model": str(base), "data": {"path": str(tmp_path / "unused.csv")},
+                                      "output_dir": str(run), "export_dtype": "fp32"}))
+    capsys.readouterr()
+    assert export_main(["--config", str(recipe), "--parity-batches", "1"]) == 0
+    report = json.loads((run / "export" / "export_report.json").read_text())
+    assert report["checkpoint"].endswith("step_2") and report["parity"]["passed"]
+    assert report["parity"]["source"].startswith("synthetic")
+    cfg = load_config(recipe, ["export_dtype=bf16"])
+    export_run_checkpoint(cfg, run / "checkpoints" / "step_2", rank=0)  # replaces the previous export
+    assert json.loads((run / "export" / "config.json").read_text())["dtype"] == "bfloat16"
+    assert export_main(["--checkpoint", str(run / "checkpoints" / "step_3"), "--base", str(base),
+                        "--out", str(tmp_path / "x")]) == 2
+    assert "partial" in capsys.readouterr().err
 
 
 KILL_MIDWAY = """
@@ -316,6 +389,7 @@ def test_minilm_export_equals_live_zero3_engine(probe_runs, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc peak-RSS reset")
 def test_peak_memory_stays_near_one_tensor(tmp_path):
     """The streaming merge of a 142 MB model (several base shards) raises peak RSS by a fraction of it."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -338,17 +412,52 @@ def test_peak_memory_stays_near_one_tensor(tmp_path):
     size = write(tmp_path / "big", hidden_size=512, intermediate_size=1536, num_hidden_layers=8)
     assert size > 130e6
     script = f"""
-import json, resource
+import json
 from lor2c_ds.export import export
+def status(field):
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field + ":"))
 base = {str(tmp_path)!r}
 export(base + "/small/ckpt", base + "/small", base + "/out_small", parity_batches=0)  # imports, warm paths
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
+before = status("VmRSS")
 export(base + "/big/ckpt", base + "/big", base + "/out_big", parity_batches=0, max_shard_size="50MB")
-print(json.dumps({{"before_kb": before, "after_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}}))
+print(json.dumps({{"before_kb": before, "after_kb": status("VmHWM")}}))
 """
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rss = json.loads(proc.stdout.strip().splitlines()[-1])
     increase = (rss["after_kb"] - rss["before_kb"]) * 1024
+    print(f"peak RSS rose by {increase / 1e6:.0f} MB while exporting a {size / 1e6:.0f} MB model")
     assert increase < 0.35 * size, f"peak RSS rose by {increase / 1e6:.0f} MB for a {size / 1e6:.0f} MB model"
     assert len(list((tmp_path / "out_big").glob("*.safetensors"))) >= 3
+
+
+@pytest.mark.slow
+@needs_assets
+def test_training_exports_on_save(tmp_path):
+    """`export_on_save: true`: every checkpoint of a 2-rank run is exported to OUTPUT_DIR/export."""
+    import yaml
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    model = tmp_path / "tiny_bert"
+    torch.manual_seed(0)
+    BertForSequenceClassification(BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                             intermediate_size=128, max_position_embeddings=128,
+                                             hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+                                  ).save_pretrained(model)
+    AutoTokenizer.from_pretrained(MINILM).save_pretrained(model)
+    run = tmp_path / "run"
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(dict(
+        model=str(model), task="classification", nproc=2, output_dir=str(run), export_on_save=True,
+        data={"path": str(POLARITY), "format": "polarity_csv", "max_length": 32, "max_train_examples": 64,
+              "max_eval_examples": 16},
+        adapter={"method": "lora", "r": 4, "alpha": 8}, global_batch_size=8, micro_batch_size=4, lr=5e-3,
+        max_steps=2, save_every=1, eval_before=False)))
+    proc = subprocess.run([sys.executable, "-m", "launcher.train", "--config", str(recipe)], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stderr.count("export written to") == 2
+    report = json.loads((run / "export" / "export_report.json").read_text())
+    assert report["checkpoint"].endswith("step_2") and report["parity"]["passed"]
+    assert report["plain_transformers"] and (run / "export" / "peft" / "adapter_config.json").is_file()

@@ -37,6 +37,14 @@ the last 100 steps, and hands the window means to the modules; it is saved in ch
 Per-token means (rather than the Frobenius norm of a whole micro-batch tensor) make the statistics
 independent of how a global batch is split into micro-batches and ranks, and of padding.
 
+||W_n + s B_n A_n|| is computed once per step for `is` (either rule), out of place: W is never
+written; under ZeRO-3 one projection's weight is gathered at a time.
+
+The merge error: `merge_report` runs held-out batches through the training-time graph and through
+`merged_view` (each block adds (W'_n - W_n) x_n, equal to the merged model up to fp32 rounding and
+usable on a ZeRO-3 partitioned backbone) and reports the logit difference and both metrics;
+`ResLoRACallback.on_train_end` does it on all ranks for every rule of the variant.
+
 Activation checkpointing: the recomputed block forward would read x_{n-1} / a_{n-k} held from the
 original forward, outside the checkpoint's bookkeeping; rather than risk wrong gradients, is and ms
 refuse to train with checkpointing enabled. bs links parameters only and works with it.
@@ -514,5 +522,6 @@ class ResLoRACallback(Callback):
             if run.rank == 0:
                 log.info("ResLoRA merge (%s): relative logit difference %.3g, max %.3g", rule,
                          report["rel_logit_diff"], report["max_abs_logit_diff"])
-        if run.rank == 0:
-            save_reslora_stats(model, run.output_dir / "adapter")  # beside the adapter saved next
+        if run.rank == 0:  # beside the adapter and the final checkpoint's adapter, both written next
+            save_reslora_stats(model, run.output_dir / "adapter")
+            save_reslora_stats(model, run.output_dir / "checkpoints" / f"step_{run.step}")

@@ -2,7 +2,8 @@
 
 Every mergeable delta is folded into the backbone weights: any adapter module attached under a
 projection that exposes `delta_weight()` (Linear layout, d_out x d_in; `chunk`/`chunks` for fused
-projections; `exact_merge = False` for approximate merges such as ResLoRA is/ms). LoR2C shortcuts
+projections; `exact_merge = False`, or a `merge_rule` other than "exact", marks an approximate
+merge such as ResLoRA is/ms). LoR2C shortcuts
 cannot be folded: they are kept as tensors in the same shards, listed in a `lor2c_export` section of
 config.json, whose `model_type` is renamed so that a plain `AutoModel*.from_pretrained` fails loudly
 instead of dropping them. `from_pretrained` here loads such an export in one call.

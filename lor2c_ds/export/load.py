@@ -26,7 +26,6 @@ def auto_class(task: str):
         else transformers.AutoModelForCausalLM
 
 
-
 def model_config(base: Path, task: str, num_labels: int | None):
     """The transformers config training used: num_labels for a head, pad falls back to eos."""
     from transformers import AutoConfig
@@ -38,7 +37,6 @@ def model_config(base: Path, task: str, num_labels: int | None):
         eos = config.eos_token_id
         config.pad_token_id = eos[0] if isinstance(eos, list) else eos
     return config
-
 
 
 def _remove_module(model: nn.Module, name: str) -> None:

@@ -15,6 +15,7 @@ from torch import nn
 
 from ..adapters import CONFIG_NAME, WEIGHTS_NAME, AdapterConfig, apply_adapters
 from ..adapters.config import ConfigError
+from ..registry import UnsupportedArchitectureError
 from .load import SECTION, auto_class, model_config, parity
 from .safetensors_io import INDEX_NAME, ExportError, _base_tensors, _parse_size, _read_tensor, _write_shard
 
@@ -112,7 +113,6 @@ def _task_of(adapter_state: dict, train_cfg, heads: tuple[str, ...]) -> tuple[st
     return "causal_lm", None
 
 
-
 def _is_projection(module: nn.Module) -> bool:
     return isinstance(getattr(module, "weight", None), nn.Parameter) and (
         isinstance(module, nn.Linear) or (hasattr(module, "nx") and hasattr(module, "nf")))
@@ -120,6 +120,7 @@ def _is_projection(module: nn.Module) -> bool:
 
 def build_plan(adapter_dir: Path, base: Path, train_cfg=None) -> Plan:
     from safetensors.torch import load_file
+    from transformers import AutoConfig
 
     from ..registry import ARCHITECTURES, spec_for
 
@@ -128,8 +129,6 @@ def build_plan(adapter_dir: Path, base: Path, train_cfg=None) -> Plan:
     adapter_config = AdapterConfig.from_dict(raw)
     state = {k: v.float() if v.is_floating_point() else v
              for k, v in load_file(str(adapter_dir / WEIGHTS_NAME)).items()}
-    from transformers import AutoConfig
-
     spec = ARCHITECTURES.get(AutoConfig.from_pretrained(base).model_type)
     heads = spec.heads if spec else ("classifier", "score")
     task, num_labels = _task_of(state, train_cfg, heads)
@@ -173,12 +172,16 @@ def build_plan(adapter_dir: Path, base: Path, train_cfg=None) -> Plan:
         plan.exact &= bool(getattr(module, "exact_merge", getattr(module, "merge_rule", "exact") == "exact"))
         taken |= {f"{name}.{k}" for k in module.state_dict()}
     plan.shortcut_keys = sorted(k for k in state if k not in taken and k not in backbone_set)
+    stack = getattr(model, "lor2c", None)
+    if stack is not None and not any(getattr(a, "active", True) for a in stack.adapters.values()):
+        # every span was merged away or swapped for injected LoRA: nothing of the stack runs any more
+        plan.shortcut_keys = [k for k in plan.shortcut_keys if not k.startswith("lor2c.")]
     return plan
 
 
 def _fold(weight: torch.Tensor, module: nn.Module, adapters: list[nn.Module]) -> torch.Tensor:
     """W + sum of deltas, computed in fp32; Conv1D stores (d_in, d_out), so deltas go in transposed."""
-    w = weight.float().clone() if weight.dtype == torch.float32 else weight.float()
+    w = weight.float()  # freshly read: folded in place
     conv1d = not isinstance(module, nn.Linear)
     with torch.no_grad():
         for a in adapters:
@@ -227,12 +230,20 @@ def _write_config(plan: Plan, tmp: Path, out_dtype: torch.dtype | None, base_dty
             "note": "LoR2C shortcuts are stored in the shards under lor2c.*; load with "
                     "lor2c_ds.export.from_pretrained(path), plain transformers would drop them",
             "adapter_config": cfg.to_dict(),
-            "spans": [list(s) for s in cfg.resolved_spans(config.num_hidden_layers)],
+            "spans": _active_spans(plan.model, cfg, config.num_hidden_layers),
             "shortcut_tensors": plan.shortcut_keys,
             "removed_modules": plan.folded_modules + plan.inactive_modules,  # folded or never switched on
             "layout": plan.layout,
         }
     (tmp / "config.json").write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
+
+
+def _active_spans(model: nn.Module, cfg: AdapterConfig, num_blocks: int) -> list[list[int]]:
+    """The spans the shortcuts cover now (Merge/Inject change them during training)."""
+    stack = getattr(model, "lor2c", None)
+    if stack is not None and hasattr(stack, "topology"):
+        return sorted([int(s), int(e)] for s, e, active in stack.topology().values() if active)
+    return [list(s) for s in cfg.resolved_spans(num_blocks)]
 
 
 def _copy_side_files(base: Path, tmp: Path) -> None:
@@ -306,7 +317,7 @@ def export(checkpoint: str | os.PathLike, base: str | os.PathLike, out: str | os
     train_cfg = train_config if train_config is not None else find_train_config(adapter_dir)
     try:
         plan = build_plan(adapter_dir, base, train_cfg)
-    except ConfigError as e:
+    except (ConfigError, UnsupportedArchitectureError) as e:
         raise ExportError(str(e)) from None
     out_dtype = DTYPES[dtype] if dtype else None
     base_tensors = _base_tensors(base)

@@ -2,6 +2,7 @@
 shard writer whose header is planned up front so tensors stream out one by one."""
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -42,9 +43,24 @@ def _base_tensors(base: Path) -> dict[str, tuple[Path, torch.dtype, tuple[int, .
     return out
 
 
+@functools.lru_cache(maxsize=64)
+def _header(file: str) -> tuple[int, dict]:
+    with open(file, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        return 8 + size, json.loads(f.read(size))
+
+
 def _read_tensor(file: Path, key: str) -> torch.Tensor:
-    with safe_open(str(file), "pt") as st:  # opened per tensor: only its pages are ever mapped
-        return st.get_tensor(key)
+    """One tensor, read into fresh memory with plain reads (no mapping of the file stays resident)."""
+    start, header = _header(str(file))
+    entry = header[key]
+    begin, end = entry["data_offsets"]
+    buf = torch.empty(end - begin, dtype=torch.uint8)
+    with open(file, "rb") as f:
+        f.seek(start + begin)
+        if f.readinto(buf.numpy()) != end - begin:
+            raise ExportError(f"{file} is truncated (tensor {key})")
+    return buf.view(_FROM_ST[entry["dtype"]]).reshape(entry["shape"])
 
 
 def _parse_size(size) -> int:
