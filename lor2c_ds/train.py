@@ -289,12 +289,14 @@ def run(cfg: TrainConfig, rank: int, world: int, callbacks: list[Callback] | Non
                 break
     bar.close()
 
-    results["after"] = evaluate(state.engine, evals, cfg.task)
-    state.metrics.write(state.step, "eval", results["after"])
+    finished = state.step == total_steps  # else stopped early (preemption): checkpoint first, no eval
+    if finished:
+        results["after"] = evaluate(state.engine, evals, cfg.task)
+        state.metrics.write(state.step, "eval", results["after"])
     for c in state.callbacks:
         c.on_train_end(state)
     state.save_checkpoint()
-    if state.step == total_steps:  # a run stopped early (preemption) leaves only its checkpoint
+    if finished:
         with ds.gathered_trainable(state.engine):
             if rank == 0:
                 save_adapters(state.engine.module, out / "adapter")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -55,24 +56,25 @@ def cluster():
         yield c
     finally:
         c.stop()
+        shutil.rmtree(root, ignore_errors=True)
 
 
-def recipe(path: Path, output_dir: Path) -> Path:
+def recipe(path: Path, output_dir: Path, **extra) -> Path:
     import yaml
 
-    path.write_text(yaml.safe_dump(dict(
+    path.write_text(yaml.safe_dump(extra | dict(
         model=str(MINILM), task="classification",
         data={"path": str(POLARITY), "format": "polarity_csv", "max_length": 32,
               "max_train_examples": 512, "max_eval_examples": 64},
         adapter={"method": "lor2c", "r": 4, "alpha": 8, "dropout": 0.1},  # dropout: the RNG must resume too
         deepspeed="zero3", global_batch_size=8, micro_batch_size=4, lr=2e-3, log_every=1, max_steps=STEPS,
-        eval_before=False, keep_checkpoints=2, output_dir=str(output_dir))))
+        eval_before=False, keep_checkpoints=2, output_dir=str(output_dir)) | extra))
     return path
 
 
-def submit(cluster: LocalCluster, script: str, work: Path, tasks: str) -> int:
+def submit(cluster: LocalCluster, script: str, work: Path, tasks: str, **extra) -> int:
     """sbatch the repository's script as a user would, with the test cluster's sizes on the command line."""
-    env = {"CONFIG": str(recipe(work / "recipe.yaml", work / "out")), "TASKS": tasks,
+    env = {"CONFIG": str(recipe(work / "recipe.yaml", work / "out", **extra)), "TASKS": tasks,
            "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "LOR2C_DIST_TIMEOUT_S": "120",
            "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", "/tmp/torchext_slurm")}
     return cluster.sbatch("--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1",
@@ -171,6 +173,47 @@ def test_preempted_job_requeues_and_resumes_to_the_same_weights(cluster, referen
     assert len(tags) == 2 and f"step_{STEPS}" in tags, tags
     print(f"\nSLURM requeue: stopped at step {stopped}; signal -> requeued {t_requeued - t_signal:.1f}s, "
           f"restart -> done {t_done - t_requeued:.1f}s; uninterrupted run {reference['seconds']:.1f}s")
+
+
+@pytest.mark.slow
+def test_dead_rank_fails_the_slurm_job_at_once_naming_the_task(cluster, tmp_path):
+    """SIGKILL rank 1 (node2) of a 2-node run mid-run: --kill-on-bad-exit ends the job, srun names the
+    task, and the last complete checkpoint stays usable. The job is not requeued: a crash is not a preemption."""
+    import psutil
+
+    from lor2c_ds.checkpoint import latest_complete
+
+    out = tmp_path / "out"
+    job = submit(cluster, "lor2c_multinode.sbatch", tmp_path, "per_gpu", max_steps=STEPS * 5, save_every=2)
+    cluster.wait_state(job, {"RUNNING"}, 60)
+    deadline = time.monotonic() + JOB_TIMEOUT
+    while not (out / "checkpoints" / "step_4" / "run_state.json").is_file():
+        assert time.monotonic() < deadline and cluster.job(job)["JobState"] == "RUNNING", job_log(tmp_path, job)[-4000:]
+        time.sleep(0.2)
+    victim = None
+    for proc in psutil.process_iter():
+        try:
+            env = proc.environ()
+            if env.get("SLURM_JOB_ID") == str(job) and env.get("SLURM_PROCID") == "1" and "--config" in proc.cmdline():
+                victim = proc.pid
+        except psutil.Error:
+            continue
+    assert victim, "rank 1 not found"
+    os.kill(victim, signal.SIGKILL)
+    t_kill = time.monotonic()
+    info = cluster.wait_state(job, {"FAILED", "COMPLETED", "CANCELLED", "PENDING"}, 120)
+    elapsed = time.monotonic() - t_kill
+    log = job_log(tmp_path, job)
+    assert info["JobState"] == "FAILED" and info["Restarts"] == "0", (info["JobState"], log[-4000:])
+    assert "node2: task 1: Killed" in log, log[-4000:]
+    assert elapsed < 60, elapsed
+    tag = latest_complete(out / "checkpoints")
+    assert tag and _step(tag) >= 4 and (out / "checkpoints" / tag / "adapter_model.safetensors").is_file()
+    print(f"\nSLURM dead rank: job FAILED {elapsed:.1f}s after SIGKILL; last complete checkpoint {tag}")
+
+
+def _step(tag: str) -> int:
+    return int(tag.removeprefix("step_"))
 
 
 @pytest.mark.slow
