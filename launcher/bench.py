@@ -109,7 +109,7 @@ def main(argv=None) -> int:
                 results.append(json.loads(out.read_text()))
                 print(json.dumps(results[-1]), flush=True)
     floor = [r["median_s"] for r in results if r["method"] == "floor"]
-    print(f"\n| method | ranks | median step (s) | vs floor |\n|---|---|---|---|")
+    print("\n| method | ranks | median step (s) | vs floor |\n|---|---|---|---|")
     for method in args.methods.split(","):
         med = statistics.mean(r["median_s"] for r in results if r["method"] == method)
         ratio = f"{med / statistics.mean(floor):.3f}x" if floor else "-"

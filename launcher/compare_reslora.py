@@ -3,8 +3,8 @@
     python -m launcher.compare_reslora --suite minilm --steps 120 --seeds 1,2,3 --out runs/compare_reslora
 
 Per method and seed it trains one run (same data order for a given seed) and reads its metrics.jsonl:
-- steps to LoRA's final training loss: the first step where the method's trailing mean of the training
-  loss (window `--smooth`) is at or below LoRA's trailing mean at its last step (same seed);
+- steps to LoRA's final training loss: the first step (with a full window) where the method's trailing
+  mean of the training loss (window `--smooth`) is at or below LoRA's at its last step (same seed);
 - the final held-out accuracy (classification) or perplexity (causal LM) of the training-time graph;
 - step time relative to LoRA: per step, LoRA's tokens/s over the method's (the steps hold the same
   tokens), median over the steps after `--skip` warm-up steps;
@@ -98,7 +98,7 @@ def summarise(root: Path, methods: list[str], seeds: list[int], args) -> dict:
             out = root / f"{m}_s{seed}"
             train_rows = rows(out, "train")
             smooth = trailing([r["loss"] for r in train_rows], args.smooth)
-            reach = next((i + 1 for i, v in enumerate(smooth) if v <= target), None)
+            reach = next((i + 1 for i, v in enumerate(smooth) if i >= args.smooth - 1 and v <= target), None)
             res[m]["reach"].append(reach)
             res[m]["final"].append(rows(out, "eval")[-1][metric])
             ratios = [b / r["tokens_per_s"] for b, r in zip(base_tps, train_rows)][args.skip:]

@@ -34,7 +34,6 @@ from torch import nn
 from . import engine as ds
 from .adapters import LoRA, get_layout, set_layout, trainable_summary
 from .adapters.config import AdapterConfig, ConfigError
-from .adapters.lora import init_low_rank
 from .callbacks import Callback
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,7 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 
 __all__ = [
-    "METHODS", "AdapterConfig", "ConfigError", "LoRA", "LoR2CAdapter", "LoR2CStack",
+    "METHODS", "AdapterConfig", "ConfigError", "LoRA", "LoR2CAdapter", "LoR2CStack", "ResLoRA", "merge_reslora",
     "apply_adapters", "adapter_state_dict", "trainable_summary", "save_adapters", "load_adapters",
     "CONFIG_NAME", "WEIGHTS_NAME",
 ]

@@ -90,18 +90,12 @@ SIDE_FILES = ("reslora_stats.json",)  # non-tensor adapter state some methods ke
 def _load_side_state(model: nn.Module, adapter_dir: Path) -> None:
     """Statistics an approximate merge rule needs (ResLoRA is/ms): beside the adapter, or in a
     checkpoint's run_state.json (the callback's window)."""
-    if (adapter_dir / "reslora_stats.json").is_file():
+    has_window = (adapter_dir / "run_state.json").is_file() and "reslora" in json.loads(
+        (adapter_dir / "run_state.json").read_text()).get("callbacks", {})
+    if (adapter_dir / "reslora_stats.json").is_file() or has_window:
         from ..adapters.reslora import load_reslora_stats
 
         load_reslora_stats(model, adapter_dir)
-    elif (adapter_dir / "run_state.json").is_file():
-        window = json.loads((adapter_dir / "run_state.json").read_text()).get("callbacks", {}).get("reslora")
-        if window:
-            from ..adapters.reslora import ResLoRAStats
-
-            stats = ResLoRAStats()
-            stats.load_state_dict(window)
-            stats.push_to(model)
 
 
 def _task_of(adapter_state: dict, train_cfg, heads: tuple[str, ...]) -> tuple[str, int | None]:
