@@ -23,7 +23,7 @@ POLARITY = HOME / "data" / "polarity-en-pang-lee2.csv"
 CHITCHAT = HOME / "data" / "chitchat.jsonl"
 
 needs_assets = pytest.mark.skipif(
-    not (MINILM.is_dir() and POLARITY.is_file()) and not os.environ.get("CI"),
+    not all(p.exists() for p in (MINILM, SMOLLM, POLARITY, CHITCHAT)) and not os.environ.get("CI"),
     reason="run lor2c-assets first (CI always does)")
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,18 +16,9 @@ from safetensors.torch import load_file
 
 from launcher.export import main as export_main
 from lor2c_ds import AdapterConfig, apply_adapters, save_adapters
-from lor2c_ds.assets import default_home
 from lor2c_ds.export import ExportError, export, from_pretrained
 
-REPO = Path(__file__).resolve().parents[1]
-HOME = default_home()
-MINILM = HOME / "models" / "all-MiniLM-L6-v2"
-SMOLLM = HOME / "models" / "SmolLM2-135M-Instruct"
-POLARITY = HOME / "data" / "polarity-en-pang-lee2.csv"
-CHITCHAT = HOME / "data" / "chitchat.jsonl"
-needs_assets = pytest.mark.skipif(
-    not (MINILM.is_dir() and SMOLLM.is_dir() and POLARITY.is_file() and CHITCHAT.is_file()) and not os.environ.get("CI"),
-    reason="run lor2c-assets first (CI always does)")
+from test_distributed import CHITCHAT, MINILM, POLARITY, REPO, SMOLLM, needs_assets  # noqa: E402
 
 # A script that loads an export with transformers alone and proves lor2c_ds was never imported.
 PLAIN_LOAD = """
