@@ -54,6 +54,19 @@ def save_tiny_bert(path: Path, layers: int) -> Path:
     return path
 
 
+def save_tiny_llama(path: Path) -> Path:
+    """A random 2-block LLaMA (hidden 64, tied embeddings) with the real SmolLM2 tokenizer."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(SMOLLM)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                 intermediate_size=128, vocab_size=len(tokenizer), tie_word_embeddings=True,
+                                 eos_token_id=tokenizer.eos_token_id)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory) -> Path:
     return save_tiny_bert(tmp_path_factory.mktemp("tiny_bert"), layers=2)
@@ -68,16 +81,7 @@ def tiny_bert4(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     """A random 2-block LLaMA with the real SmolLM2 tokenizer."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    path = tmp_path_factory.mktemp("tiny_llama")
-    tokenizer = AutoTokenizer.from_pretrained(SMOLLM)
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                 intermediate_size=128, vocab_size=len(tokenizer), tie_word_embeddings=True,
-                                 eos_token_id=tokenizer.eos_token_id)).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
 
 
 def write_recipe(path: Path, **values) -> Path:

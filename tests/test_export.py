@@ -18,7 +18,7 @@ from launcher.export import main as export_main
 from lor2c_ds import AdapterConfig, apply_adapters, save_adapters
 from lor2c_ds.export import ExportError, export, from_pretrained
 
-from test_distributed import CHITCHAT, MINILM, POLARITY, REPO, SMOLLM, needs_assets  # noqa: E402
+from test_distributed import CHITCHAT, MINILM, POLARITY, REPO, needs_assets, save_tiny_llama  # noqa: E402
 
 # A script that loads an export with transformers alone and proves lor2c_ds was never imported.
 PLAIN_LOAD = """
@@ -304,19 +304,12 @@ def test_killed_export_leaves_no_complete_looking_output(tmp_path):
 def probe_runs(tmp_path_factory):
     """One 2-rank ZeRO-3 torchrun: a tiny LLaMA with LoRA (causal LM) and the real MiniLM with LoR2C
     (classification), each trained 3 steps, checkpointed, with the live engine's logits."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
     import yaml
 
     from launcher.train import free_port
 
     root = tmp_path_factory.mktemp("probe")
-    llama = root / "tiny_llama"
-    tokenizer = AutoTokenizer.from_pretrained(SMOLLM)
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                 intermediate_size=128, vocab_size=len(tokenizer), tie_word_embeddings=True,
-                                 eos_token_id=tokenizer.eos_token_id)).save_pretrained(llama)
-    tokenizer.save_pretrained(llama)
+    llama = save_tiny_llama(root / "tiny_llama")
     common = dict(global_batch_size=4, micro_batch_size=2, lr=5e-3, max_steps=3, eval_before=False)
     recipes = {
         "llama_lora": dict(model=str(llama), task="causal_lm", adapter={"method": "lora", "r": 4, "alpha": 8,
