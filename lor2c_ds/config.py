@@ -11,22 +11,51 @@ import yaml
 
 from .adapters.config import AdapterConfig, ConfigError
 
-TASKS = ("classification", "causal_lm")
+# classification: a label per text (pair); regression: a float target (num_labels 1, MSE);
+# chat: prompt/response pairs or message lists, loss on the responses; causal_lm: plain text.
+TASKS = ("classification", "regression", "chat", "causal_lm")
 PRECISIONS = ("fp32", "bf16")
-DATA_FORMATS = ("auto", "polarity_csv", "csv", "json", "jsonl")
+DATA_FORMATS = ("auto", "polarity_csv", "csv", "tsv", "json", "jsonl", "parquet", "arrow", "saved")
+BAD_ROWS = ("error", "skip")
 
 
 @dataclass
 class DataConfig:
-    path: str = ""
-    format: str = "auto"  # polarity_csv: headerless "label","text" rows (Pang & Lee); csv/json/jsonl: named fields
-    text_field: str = "text"
-    label_field: str = "label"
-    eval_path: str | None = None  # a separate held-out file; otherwise `eval_fraction` of `path`
+    path: str = ""  # a file, or a directory written by `datasets` save_to_disk (format: saved)
+    format: str = "auto"  # by suffix; polarity_csv: headerless "label","text" rows (Pang & Lee)
+    eval_path: str | None = None  # the validation split; otherwise `eval_fraction` of `path`, seeded
+    test_path: str | None = None  # a test split, evaluated at the end and by lor2c-eval
     eval_fraction: float = 0.1
+    streaming: bool = False  # read `path` as a stream: each rank reads only its shard (needs max_steps)
+    shuffle_buffer: int = 10000  # streaming only: the shuffle buffer, seeded by seed and epoch
+    # columns
+    text_field: str = "text"
+    text_pair_field: str | None = None  # a second text (sentence pairs: NLI, STS-B)
+    label_field: str = "label"
+    prompt_field: str = "prompt"  # chat: a prompt/response pair per row ...
+    response_field: str = "response"
+    messages_field: str = "messages"  # ... or a list of {"role", "content"} messages
+    # tasks
+    labels: list | None = None  # classification: the label values in id order; default sorted train values
+    chat_template: str | None = None  # chat: a Jinja template file; default: the tokenizer's own
+    loss_on: str = "response"  # chat: response tokens only, or "all" tokens
+    packing: bool = False  # causal_lm: pack texts into full max_length rows (attention stays per document)
     max_length: int = 128
+    on_bad_rows: str = "error"  # empty text, missing label, chat with no response: fail, or skip and count
     max_train_examples: int | None = None
     max_eval_examples: int | None = None
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation beyond the held-out loss: which checkpoint to keep, extra scored tasks."""
+
+    best_metric: str | None = None  # e.g. accuracy, f1, mcc, pearson, spearman, perplexity, loss
+    best_mode: str = "auto"  # max | min | auto (min for loss and perplexity, max otherwise)
+    multiple_choice_path: str | None = None  # jsonl rows {"context", "choices": [...], "label": i}
+    generation_path: str | None = None  # jsonl rows {"prompt", "answer"}; greedy decoding, exact match
+    max_new_tokens: int = 64
+    max_examples: int | None = None  # cap for the multiple-choice and generation sets
 
 
 @dataclass
@@ -35,6 +64,7 @@ class TrainConfig:
     task: str = "classification"
     num_labels: int = 2
     data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     deepspeed: str = "zero3"  # a name in ds_configs/ (zero2, zero3, zero3_offload) or a JSON path
     precision: str = "fp32"
@@ -71,12 +101,28 @@ class TrainConfig:
             raise ConfigError("data.path: a local data file is required")
         if self.data.format not in DATA_FORMATS:
             raise ConfigError(f"unknown data.format {self.data.format!r}; choose one of {list(DATA_FORMATS)}")
+        if self.data.on_bad_rows not in BAD_ROWS:
+            raise ConfigError(f"data.on_bad_rows must be one of {list(BAD_ROWS)}, got {self.data.on_bad_rows!r}")
+        if self.data.loss_on not in ("response", "all"):
+            raise ConfigError(f"data.loss_on must be response or all, got {self.data.loss_on!r}")
+        if self.data.packing and self.task != "causal_lm":
+            raise ConfigError(f"data.packing applies to task causal_lm, not {self.task}")
+        if self.data.streaming and not self.max_steps:
+            raise ConfigError("data.streaming needs max_steps: a stream's length is not known in advance")
+        if self.task == "regression" and self.num_labels != 1:
+            raise ConfigError(f"task regression predicts one value: num_labels must be 1, got {self.num_labels}")
+        if self.data.labels is not None and self.task == "classification" and len(self.data.labels) != self.num_labels:
+            raise ConfigError(f"data.labels lists {len(self.data.labels)} labels but num_labels is {self.num_labels}")
+        if self.eval.best_mode not in ("auto", "max", "min"):
+            raise ConfigError(f"eval.best_mode must be auto, max or min, got {self.eval.best_mode!r}")
         if not 0 < self.data.eval_fraction < 1:
             raise ConfigError(f"data.eval_fraction must be in (0, 1), got {self.data.eval_fraction}")
         for key in ("nproc", "global_batch_size", "micro_batch_size", "epochs", "log_every", "num_labels"):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"{key} must be a positive integer, got {value!r}")
+        if not isinstance(self.eval.max_new_tokens, int) or self.eval.max_new_tokens <= 0:
+            raise ConfigError(f"eval.max_new_tokens must be a positive integer, got {self.eval.max_new_tokens!r}")
         for key in ("max_steps", "eval_every", "save_every", "keep_checkpoints"):
             value = getattr(self, key)
             if value is not None and (not isinstance(value, int) or value <= 0):
@@ -114,7 +160,7 @@ def _build(cls, raw: dict[str, Any], where: str):
                           f"known keys{' under ' + where[:-1] if where else ''}: {sorted(known)}")
     values = {}
     for name, value in raw.items():
-        sub = {"data": DataConfig, "adapter": AdapterConfig}.get(name) if cls is TrainConfig else None
+        sub = {"data": DataConfig, "eval": EvalConfig, "adapter": AdapterConfig}.get(name) if cls is TrainConfig else None
         values[name] = _build(sub, value, f"{name}.") if sub else _coerce(known[name], value, where)
     return cls(**values)
 
@@ -151,6 +197,10 @@ def _expand_paths(cfg: TrainConfig) -> None:
     cfg.output_dir = expand(cfg.output_dir)
     cfg.data.path = expand(cfg.data.path)
     cfg.data.eval_path = expand(cfg.data.eval_path)
+    cfg.data.test_path = expand(cfg.data.test_path)
+    cfg.data.chat_template = expand(cfg.data.chat_template)
+    cfg.eval.multiple_choice_path = expand(cfg.eval.multiple_choice_path)
+    cfg.eval.generation_path = expand(cfg.eval.generation_path)
 
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> TrainConfig:
