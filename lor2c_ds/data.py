@@ -166,3 +166,10 @@ class _EvalShard(torch.utils.data.Dataset):
 def eval_loader(ds, collate, batch: int, rank: int, world: int) -> DataLoader:
     return DataLoader(_EvalShard(ds, rank, world), batch_size=batch, shuffle=False, collate_fn=collate,
                       generator=torch.Generator().manual_seed(0))  # leaves the global RNG alone
+
+
+def model_inputs(batch: dict) -> dict:
+    """The forward arguments of a collated batch. Packed causal-LM rows carry `position_ids` that restart
+    at each document and no attention mask: transformers then masks attention per document."""
+    keys = ("input_ids", "attention_mask", "position_ids", "token_type_ids")
+    return {k: batch[k] for k in keys if k in batch}
