@@ -21,9 +21,10 @@ MINILM = HOME / "models" / "all-MiniLM-L6-v2"
 SMOLLM = HOME / "models" / "SmolLM2-135M-Instruct"
 POLARITY = HOME / "data" / "polarity-en-pang-lee2.csv"
 CHITCHAT = HOME / "data" / "chitchat.jsonl"
+CHITCHAT_CHAT = HOME / "data" / "chitchat_chat.jsonl"
 
 needs_assets = pytest.mark.skipif(
-    not all(p.exists() for p in (MINILM, SMOLLM, POLARITY, CHITCHAT)) and not os.environ.get("CI"),
+    not all(p.exists() for p in (MINILM, SMOLLM, POLARITY, CHITCHAT, CHITCHAT_CHAT)) and not os.environ.get("CI"),
     reason="run lor2c-assets first (CI always does)")
 
 
@@ -160,7 +161,7 @@ def test_cli_end_to_end_on_real_minilm(tmp_path):
 
     from lor2c_ds import load_adapters
     from lor2c_ds.config import load_config
-    from lor2c_ds.data import Collator, eval_loader, load_splits, tokenize
+    from lor2c_ds.data import eval_loader, prepare_data
     from lor2c_ds.train import evaluate_plain, load_tokenizer
 
     recipe = REPO / "launcher" / "configs" / "minilm_lor2c.yaml"
@@ -184,8 +185,8 @@ def test_cli_end_to_end_on_real_minilm(tmp_path):
     model = AutoModelForSequenceClassification.from_pretrained(cfg.model, num_labels=2)
     load_adapters(model, out / "adapter")
     tokenizer = load_tokenizer(cfg.model)
-    data = tokenize(load_splits(cfg.data, cfg.task, cfg.num_labels, cfg.seed), tokenizer, cfg.data, cfg.task)
-    plain = evaluate_plain(model, eval_loader(data["eval"], Collator(tokenizer, cfg.task), 32, 0, 1), cfg.task)
+    data = prepare_data(cfg, tokenizer)
+    plain = evaluate_plain(model, eval_loader(data.eval, data.collator, 32, 0, 1), cfg.task)
     assert plain["accuracy"] == pytest.approx(after["accuracy"], abs=1e-9)
     assert plain["loss"] == pytest.approx(after["loss"], rel=1e-5)
 

@@ -1,0 +1,133 @@
+"""Data: local files through `datasets`, encoded per task, sharded so the global batch is rank-independent.
+
+`prepare_data(cfg, tokenizer)` is the one entry point: it reads the splits (`sources`), encodes them
+for the task (`tasks`), fails on bad rows or skips and counts them, and reports truncation. Under a
+process group rank 0 prepares first and the other ranks then read the same `datasets` cache.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from ..config import TrainConfig
+from .loaders import (Collator, EpochSampler, StreamShard, eval_loader, model_inputs, stream_loader,  # noqa: F401
+                      train_loader)
+from .sources import DataError, load_splits, require_columns  # noqa: F401
+from .tasks import Encoder, label_map, pack
+
+log = logging.getLogger(__name__)
+_MARKS = ("_problem", "_truncated")
+
+
+@dataclass
+class PreparedData:
+    train: object  # a `datasets.Dataset`, or an `IterableDataset` when streaming
+    eval: object
+    test: object | None
+    collator: Collator
+    label_names: list[str] | None = None  # classification: id -> label value
+    report: dict = field(default_factory=dict)  # per split: rows, skipped by reason, truncated
+
+    @property
+    def streaming(self) -> bool:
+        return not hasattr(self.train, "__len__")
+
+
+@contextlib.contextmanager
+def _rank_zero_first():
+    """Rank 0 builds the `datasets` cache files; the others wait, then reuse them."""
+    dist = torch.distributed
+    ranks = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if ranks and dist.get_rank() != 0:
+        dist.barrier()
+    try:
+        yield
+    finally:
+        if ranks and dist.get_rank() == 0:
+            dist.barrier()
+
+
+def _encode(ds, encoder: Encoder):
+    columns = ds.column_names
+    if columns is None:  # a stream: its columns are those of its first row
+        columns = list(next(iter(ds)).keys())
+    return ds.map(encoder, batched=True, remove_columns=columns)
+
+
+def _screen(ds, raw, name: str, path: str, on_bad_rows: str) -> tuple[object, dict]:
+    """Fail on rows the encoder marked bad (quoting the first), or drop and count them; count truncated rows."""
+    problems = [p for p in ds["_problem"] if p]
+    report = {"rows": len(ds), "skipped": {}, "truncated": int(sum(ds["_truncated"]))}
+    for p in problems:
+        report["skipped"][p] = report["skipped"].get(p, 0) + 1
+    if problems and on_bad_rows == "error":
+        first = json.dumps(raw[next(i for i, p in enumerate(ds["_problem"]) if p)], default=str)
+        first = first if len(first) < 200 else first[:200] + "..."
+        raise DataError(f"{name} split ({path}): {len(problems)} bad row(s): {problems[0]} in {first}; "
+                        "fix them or set data.on_bad_rows: skip to skip and count them")
+    if problems:
+        ds = ds.filter(lambda p: not p, input_columns="_problem")
+    if len(ds) == 0:
+        raise DataError(f"{name} split ({path}) has no usable rows: {report['skipped']}")
+    return ds.remove_columns(list(_MARKS)), report
+
+
+def prepare_data(cfg: TrainConfig, tokenizer) -> PreparedData:
+    data, task = cfg.data, cfg.task
+    with _rank_zero_first():
+        splits = load_splits(data, cfg.seed)
+        required = {"classification": [data.text_field, data.label_field], "regression": [data.text_field,
+                    data.label_field], "causal_lm": [data.text_field], "chat": []}[task]
+        if data.text_pair_field and task in ("classification", "regression"):
+            required.append(data.text_pair_field)
+        for name, ds in splits.items():
+            if ds is not None and required:
+                require_columns(ds, required, f"the {name} split ({_path_of(data, name)})")
+        if task == "chat":
+            _require_chat_columns(splits, data)
+        labels = label_map(splits["train"], data, data.path) if task == "classification" else None
+        encoder = Encoder(tokenizer, data, task, labels)
+        prepared, report = {}, {}
+        for name, ds in splits.items():
+            if ds is None:
+                prepared[name] = None
+                continue
+            try:
+                encoded = _encode(ds, encoder)
+            except DataError as e:
+                raise DataError(f"{name} split ({_path_of(data, name)}): {e}") from None
+            if name == "train" and data.streaming:
+                prepared[name] = encoded  # screened lazily: bad rows become counted filler rows
+                continue
+            prepared[name], report[name] = _screen(encoded, ds, name, _path_of(data, name), data.on_bad_rows)
+            if data.packing:
+                pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+                docs = len(prepared[name])
+                prepared[name] = prepared[name].map(pack, batched=True, batch_size=1000, fn_kwargs={
+                    "max_length": data.max_length, "pad_id": pad}, remove_columns=prepared[name].column_names)
+                report[name]["packed_rows"], report[name]["documents"] = len(prepared[name]), docs
+    for name, values in report.items():
+        if values["skipped"] or values["truncated"]:
+            log.warning("%s split: %d rows, skipped %s, %d truncated to max_length %d", name, values["rows"],
+                        values["skipped"] or "none", values["truncated"], data.max_length)
+    names = sorted(labels, key=labels.get) if labels else None
+    return PreparedData(prepared["train"], prepared["eval"], prepared["test"], Collator(tokenizer, task), names, report)
+
+
+def _path_of(data, split: str) -> str:
+    return {"train": data.path, "eval": data.eval_path or data.path, "test": data.test_path}[split]
+
+
+def _require_chat_columns(splits: dict, data) -> None:
+    for name, ds in splits.items():
+        if ds is None:
+            continue
+        columns = ds.column_names or list(next(iter(ds)).keys())
+        if data.messages_field not in columns and not {data.prompt_field, data.response_field} <= set(columns):
+            raise DataError(f"the {name} split ({_path_of(data, name)}) has neither a {data.messages_field!r} "
+                            f"column nor {data.prompt_field!r} and {data.response_field!r} columns "
+                            f"(columns: {columns}); map yours with data.messages_field or prompt_field/response_field")
