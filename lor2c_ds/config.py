@@ -19,6 +19,11 @@ DATA_FORMATS = ("auto", "polarity_csv", "csv", "tsv", "json", "jsonl", "parquet"
 BAD_ROWS = ("error", "skip")
 
 
+def model_kind(task: str) -> str:
+    """The transformers head a task trains: a sequence-classification head or the LM head."""
+    return "classification" if task in ("classification", "regression") else "causal_lm"
+
+
 @dataclass
 class DataConfig:
     path: str = ""  # a file, or a directory written by `datasets` save_to_disk (format: saved)
@@ -109,6 +114,11 @@ class TrainConfig:
             raise ConfigError(f"data.packing applies to task causal_lm, not {self.task}")
         if self.data.streaming and not self.max_steps:
             raise ConfigError("data.streaming needs max_steps: a stream's length is not known in advance")
+        if self.data.streaming and self.data.packing:
+            raise ConfigError("data.packing is not applied to streams; pack the corpus offline or turn streaming off")
+        if self.data.streaming and self.data.on_bad_rows != "skip":
+            raise ConfigError("data.streaming reads rows lazily, so bad rows can only be skipped and counted: "
+                              "set data.on_bad_rows: skip")
         if self.task == "regression" and self.num_labels != 1:
             raise ConfigError(f"task regression predicts one value: num_labels must be 1, got {self.num_labels}")
         if self.data.labels is not None and self.task == "classification" and len(self.data.labels) != self.num_labels:

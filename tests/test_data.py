@@ -12,6 +12,7 @@ import torch
 from lor2c_ds.config import ConfigError, load_config
 from lor2c_ds.data import DataError, EpochSampler, model_inputs, prepare_data
 from lor2c_ds.data.loaders import FILLER, StreamShard
+from lor2c_ds.data.sources import read
 from lor2c_ds.train import load_tokenizer
 from test_distributed import CHITCHAT_CHAT, MINILM, SMOLLM, needs_assets
 
@@ -269,7 +270,9 @@ def test_streaming_shards_read_each_row_once_per_epoch(tmp_path, bert_tok):
     for k in range(4):  # four files: each of two ranks reads two of them
         files.append(tmp_path / f"part{k}.jsonl")
         files[-1].write_text("".join(json.dumps(r) + "\n" for r in rows[k * 6:(k + 1) * 6]))
-    stream = datasets.load_dataset("json", data_files=[str(f) for f in files], split="train", streaming=True)
+    cfg = cfg_for(MINILM, f"data.path={tmp_path / 'part*.jsonl'}", "data.streaming=true", "max_steps=2",
+                  "data.on_bad_rows=skip")
+    stream = read(cfg.data.path, cfg.data, streaming=True)  # the glob: one stream shard a file
     stream = stream.map(lambda b: {**b, "_problem": [""] * len(b["text"]), "_truncated": [False] * len(b["text"])},
                         batched=True)
     seen = []
@@ -288,10 +291,11 @@ def test_streaming_needs_max_steps_and_a_held_out_set(tmp_path, bert_tok):
     path = write_all_formats(tmp_path, ROWS)["jsonl"]
     with pytest.raises(ConfigError, match="streaming needs max_steps"):
         cfg_for(MINILM, f"data.path={path}", "data.streaming=true")
+    with pytest.raises(ConfigError, match="set data.on_bad_rows: skip"):
+        cfg_for(MINILM, f"data.path={path}", "data.streaming=true", "max_steps=3")
+    stream = ["data.streaming=true", "max_steps=3", "data.on_bad_rows=skip", "data.labels=[neg, pos]"]
     with pytest.raises(DataError, match="needs data.eval_path or data.max_eval_examples"):
-        prepare_data(cfg_for(MINILM, f"data.path={path}", "data.streaming=true", "max_steps=3",
-                             "data.labels=[neg, pos]"), bert_tok)
-    data = prepare_data(cfg_for(MINILM, f"data.path={path}", "data.streaming=true", "max_steps=3",
-                                "data.labels=[neg, pos]", "data.max_eval_examples=4"), bert_tok)
+        prepare_data(cfg_for(MINILM, f"data.path={path}", *stream), bert_tok)
+    data = prepare_data(cfg_for(MINILM, f"data.path={path}", *stream, "data.max_eval_examples=4"), bert_tok)
     assert data.streaming and len(data.eval) == 4
     assert len(list(data.train)) == 16  # the held-out rows are not trained on

@@ -6,6 +6,7 @@ corpus larger than memory works.
 """
 from __future__ import annotations
 
+import glob
 import json
 import logging
 from pathlib import Path
@@ -57,10 +58,22 @@ def _first_bad_json_line(path: Path) -> str | None:
     return None
 
 
+def _expand(path_str: str) -> list[str]:
+    """A glob pattern (`shard-*.jsonl`) names every matching file, sorted; a plain path itself."""
+    if not any(c in path_str for c in "*?["):
+        return [path_str]
+    files = sorted(glob.glob(path_str))
+    if not files:
+        raise DataError(f"no data file matches {path_str}")
+    return files
+
+
 def read(path_str: str, cfg: DataConfig, streaming: bool = False):
     """One split's rows: a memory-mapped `datasets.Dataset`, or an `IterableDataset` when streaming.
-    A saved `DatasetDict` directory returns the dict itself (its splits are used by name)."""
-    path = Path(path_str)
+    A saved `DatasetDict` directory returns the dict itself (its splits are used by name). A glob
+    reads several files as one split (a stream then has one shard a file)."""
+    files = _expand(path_str)
+    path = Path(files[0])
     if not path.exists():
         raise DataError(f"data file {path} does not exist")
     fmt = format_of(cfg, path)
@@ -73,21 +86,23 @@ def read(path_str: str, cfg: DataConfig, streaming: bool = False):
             raise DataError(f"data directory {path} was not written by datasets' save_to_disk: {e}") from None
     if path.is_dir():
         raise DataError(f"data path {path} is a directory; a {fmt} file was expected")
-    if path.stat().st_size == 0:
-        raise DataError(f"data file {path} is empty")
+    for f in map(Path, files):
+        if f.stat().st_size == 0:
+            raise DataError(f"data file {f} is empty")
     verbosity = datasets.logging.get_verbosity()
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # a parse failure is reported once, below
     try:
         if fmt == "polarity_csv":
-            ds = datasets.load_dataset("csv", data_files=str(path), split="train", encoding="utf-8-sig",
+            ds = datasets.load_dataset("csv", data_files=files, split="train", encoding="utf-8-sig",
                                        column_names=[cfg.label_field, cfg.text_field], streaming=streaming)
         else:
             builder, kwargs = _BUILDERS[fmt]
-            ds = datasets.load_dataset(builder, data_files=str(path), split="train", streaming=streaming, **kwargs)
+            ds = datasets.load_dataset(builder, data_files=files, split="train", streaming=streaming, **kwargs)
     except Exception as e:  # the parsers raise many types; all mean the same to the user
-        where = _first_bad_json_line(path) if fmt in ("json", "jsonl") else None
-        if where:
-            raise DataError(f"data file {path}: {where}") from None
+        for f in map(Path, files if fmt in ("json", "jsonl") else []):
+            where = _first_bad_json_line(f)
+            if where:
+                raise DataError(f"data file {f}: {where}") from None
         cause = e.__cause__ or e
         raise DataError(f"data file {path} could not be parsed as {fmt}: {type(cause).__name__}: {cause}") from None
     finally:
