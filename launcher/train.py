@@ -37,7 +37,10 @@ def preflight(cfg) -> None:
 
     from lor2c_ds.adapters.config import ConfigError
     from lor2c_ds.checkpoint import latest_complete
-    from lor2c_ds.data import load_splits
+    from lor2c_ds.config import model_kind
+    from lor2c_ds.data import prepare_data
+    from lor2c_ds.evaluation import load_eval_sets
+    from lor2c_ds.train import load_tokenizer
     from lor2c_ds.engine import resolve_ds_config_path
     from lor2c_ds.registry import ARCHITECTURES
 
@@ -48,9 +51,14 @@ def preflight(cfg) -> None:
     if model_config.model_type not in ARCHITECTURES:
         raise ConfigError(f"model type {model_config.model_type!r} is not supported; supported: "
                           f"{sorted(ARCHITECTURES)} (lor2c_ds.register_architecture adds one)")
+    heads = [a for a in (model_config.architectures or []) if a.endswith("ForSequenceClassification")]
+    if heads and model_kind(cfg.task) == "classification" and model_config.num_labels != cfg.num_labels:
+        raise ConfigError(f"model {model_dir} has a classification head of {model_config.num_labels} labels, "
+                          f"the recipe asks for num_labels={cfg.num_labels}; start from the base model instead")
     cfg.adapter.validate(num_blocks=model_config.num_hidden_layers, hidden=model_config.hidden_size)
     resolve_ds_config_path(cfg.deepspeed)
-    load_splits(cfg.data, cfg.task, cfg.num_labels, cfg.seed)
+    prepare_data(cfg, load_tokenizer(cfg.model))  # every data error, before any rank starts
+    load_eval_sets(cfg.eval.multiple_choice_path, cfg.eval.generation_path, cfg.eval.max_examples)
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output_dir {out} exists and is not a directory")
@@ -124,12 +132,12 @@ def worker(cfg) -> int:
 
     preemption.install()  # SIGUSR1/SIGTERM: stop at the next step boundary with a checkpoint
     rank, world = engine.init_distributed()
-    try:
-        results = run(cfg, rank, world)
-        if rank == 0 and preemption.stopped_at() is None:
-            report(cfg, results)
-    finally:
-        engine.shutdown()
+    # On an error the process exits at once, without the closing barrier: the other ranks may be
+    # blocked in a collective this rank never reaches, and torchrun/srun stop them when this one dies.
+    results = run(cfg, rank, world)
+    if rank == 0 and preemption.stopped_at() is None:
+        report(cfg, results)
+    engine.shutdown()
     if preemption.stopped_at() is not None:
         return preemption.finish(rank, cfg.output_dir)  # rank 0 requeues a SLURM job
     return 0
@@ -137,7 +145,7 @@ def worker(cfg) -> int:
 
 def report(cfg, results: dict) -> None:
     print(results["trainable"])
-    metric = "accuracy" if cfg.task == "classification" else "perplexity"
+    metric = {"classification": "accuracy", "regression": "pearson"}.get(cfg.task, "perplexity")
     before, after = results.get("before"), results["after"]
     line = f"held-out {metric}: "
     if before:

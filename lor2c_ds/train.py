@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
@@ -26,7 +25,8 @@ from .adapters import apply_adapters, save_adapters, trainable_summary
 from .callbacks import Callback
 from .preemption import PreemptionCallback
 from .config import TrainConfig
-from .data import Collator, eval_loader, load_splits, tokenize, train_loader
+from .evaluation import evaluate, evaluate_sets, load_eval_sets, metric_direction, scored_labels, summed_loss
+from .data import PreparedData, StreamShard, eval_loader, model_inputs, prepare_data, stream_loader, train_loader
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def seed_everything(seed: int) -> None:
 def load_backbone(cfg: TrainConfig, ds_config: dict):
     """The pretrained model, partitioned while it loads under ZeRO-3."""
     with ds.zero3_loading(ds_config):
-        if cfg.task == "classification":
+        if cfg.task in ("classification", "regression"):
             model = AutoModelForSequenceClassification.from_pretrained(
                 cfg.model, num_labels=cfg.num_labels, dtype=torch.float32)
         else:
@@ -62,20 +62,6 @@ def load_tokenizer(path: str):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
-
-
-def scored_labels(batch: dict, task: str) -> torch.Tensor:
-    """The targets aligned with the logits, -100 where nothing is scored (padding, filler rows)."""
-    labels = batch["labels"] if task == "classification" else batch["labels"][:, 1:]
-    labels = labels.clone()
-    labels[batch["valid"] == 0] = -100
-    return labels
-
-
-def summed_loss(logits: torch.Tensor, labels: torch.Tensor, task: str) -> torch.Tensor:
-    if task == "causal_lm":
-        logits = logits[:, :-1]
-    return F.cross_entropy(logits.float().flatten(0, -2), labels.flatten(), ignore_index=-100, reduction="sum")
 
 
 class MetricsLog:
@@ -107,41 +93,6 @@ class MetricsLog:
             self.tb.close()
 
 
-@torch.no_grad()
-def _eval_totals(model, loader, task: str, device) -> torch.Tensor:
-    """(summed loss, scored targets, correct predictions) over this rank's shard."""
-    totals = torch.zeros(3, dtype=torch.float64)
-    for batch in loader:
-        batch = {k: v.to(device) for k, v in batch.items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        labels = scored_labels(batch, task)
-        correct = (logits.argmax(-1) == labels).sum() if task == "classification" else torch.zeros(())
-        totals += torch.stack([summed_loss(logits, labels, task), (labels != -100).sum(), correct]).double().cpu()
-    return totals
-
-
-def _summarize(totals: torch.Tensor, task: str) -> dict:
-    loss = (totals[0] / totals[1]).item()
-    if task == "classification":
-        return {"loss": loss, "accuracy": (totals[2] / totals[1]).item(), "examples": int(totals[1])}
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": int(totals[1])}
-
-
-def evaluate(engine, loader, task: str) -> dict:
-    """Held-out metrics over all ranks' shards (every rank runs the same number of batches)."""
-    engine.eval()
-    totals = ds.all_reduce_sum(_eval_totals(engine, loader, task, engine.device).to(engine.device)).cpu()
-    engine.train()
-    return _summarize(totals, task)
-
-
-def evaluate_plain(model: torch.nn.Module, loader, task: str) -> dict:
-    """The same metrics for a plain single-process model (an export, a reloaded adapter)."""
-    model.eval()
-    device = next(model.parameters()).device
-    return _summarize(_eval_totals(model, loader, task, device), task)
-
-
 @dataclass
 class RunState:
     """What the loop and its callbacks share. A callback may replace `engine` (and must keep it valid)."""
@@ -157,23 +108,55 @@ class RunState:
     epoch: int = 0
     stop: bool = False  # set by a callback to end the loop after this step
     callbacks: list[Callback] = field(default_factory=list)
+    label_names: list[str] | None = None  # classification: saved with every checkpoint
+    best: dict | None = None  # {"metric", "value", "step", "tag"} of the best evaluation so far
+    last_saved_step: int | None = None
 
     @property
     def output_dir(self) -> Path:
         return Path(self.cfg.output_dir)
 
     def run_state(self) -> dict:
-        return {"step": self.step, "epoch": self.epoch, "world": self.world,
-                "callbacks": {c.name: c.state_dict() for c in self.callbacks}}
+        return {"step": self.step, "epoch": self.epoch, "world": self.world, "label_names": self.label_names,
+                "best": self.best, "callbacks": {c.name: c.state_dict() for c in self.callbacks}}
+
+    def saved_at_step(self) -> bool:
+        return self.last_saved_step == self.step
+
+    def record_eval(self, values: dict) -> None:
+        """Log an evaluation; with eval.best_metric, checkpoint it when it is the best so far."""
+        self.metrics.write(self.step, "eval", values)
+        name = self.cfg.eval.best_metric
+        if not name:
+            return
+        if name not in values:
+            raise KeyError(f"eval.best_metric {name!r} is not among the evaluation's metrics {sorted(values)}")
+        mode = metric_direction(name, self.cfg.eval.best_mode)
+        value = values[name]
+        if self.best is not None and not (value > self.best["value"] if mode == "max" else value < self.best["value"]):
+            return
+        self.best = {"metric": name, "value": value, "step": self.step, "tag": f"step_{self.step}"}
+        self.save_checkpoint()  # run_state.json records it as the best
+        if self.rank == 0:
+            checkpoint.mark_best(self.output_dir / "checkpoints", self.best)
+        self.metrics.event(self.step, "best", self.best)
 
     def save_checkpoint(self) -> Path:
-        tag_dir = checkpoint.save(self.engine, self.output_dir / "checkpoints", f"step_{self.step}", self.run_state(),
-                                  self.rank, keep=self.cfg.keep_checkpoints)
+        root = self.output_dir / "checkpoints"
+        protect = self.best["tag"] if self.best else None
+        tag_dir = checkpoint.save(self.engine, root, f"step_{self.step}", self.run_state(), self.rank,
+                                  keep=self.cfg.keep_checkpoints, protect=protect)
+        self.last_saved_step = self.step
         if self.cfg.export_on_save:  # a merged, consolidated copy in output_dir/export (lor2c_ds.export)
             from .export import export_run_checkpoint
 
             export_run_checkpoint(self.cfg, tag_dir, self.rank)
         return tag_dir
+
+
+def _real_tokens(batch: dict) -> float:
+    mask = batch.get("attention_mask")
+    return float(mask.sum()) if mask is not None else float((batch["labels"] != -100).sum())
 
 
 def train_step(engine, micro: list[dict], task: str, world: int) -> dict:
@@ -182,14 +165,14 @@ def train_step(engine, micro: list[dict], task: str, world: int) -> dict:
     # The loss is the mean over every target of the global batch, whatever the ranks and
     # micro-steps: normalise by the global count (DeepSpeed averages gradients over both).
     counts = ds.all_reduce_sum(torch.tensor(
-        [sum((y != -100).sum().item() for y in labels), sum(b["attention_mask"].sum().item() for b in micro)],
+        [sum((y != -100).sum().item() for y in labels), sum(_real_tokens(b) for b in micro)],
         dtype=torch.float64, device=engine.device))
     targets = max(counts[0].item(), 1.0)
     scale = world * len(micro) / targets
     lr = engine.get_lr()[0]  # the rate this step's update uses
     loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)
     for b, y in zip(micro, labels):
-        logits = engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        logits = engine(**model_inputs(b)).logits
         loss = summed_loss(logits, y, task)
         engine.backward(loss * scale)
         engine.step()
@@ -210,18 +193,36 @@ def default_callbacks(cfg: TrainConfig) -> list[Callback]:
     return callbacks
 
 
+def _batches(data: PreparedData, cfg: TrainConfig, rank: int, world: int):
+    """(a loader for the training rows, steps per epoch). A stream is one endless epoch."""
+    if data.streaming:
+        shard = StreamShard(data.train, rank, world, cfg.seed, cfg.data.shuffle_buffer)
+        return stream_loader(shard, data.collator, cfg.micro_batch_size), cfg.max_steps
+    loader = train_loader(data.train, data.collator, cfg.micro_batch_size, cfg.global_batch_size, rank, world, cfg.seed)
+    return loader, math.ceil(len(data.train) / cfg.global_batch_size)
+
+
+def _log_start(cfg: TrainConfig, data: PreparedData, grad_accum: int, world: int, total_steps: int, engine) -> None:
+    log.info("%s", trainable_summary(engine.module))
+    log.info("global batch %d = micro batch %d x %d accumulation steps x %d ranks; %d steps",
+             cfg.global_batch_size, cfg.micro_batch_size, grad_accum, world, total_steps)
+    if not data.streaming:
+        tail = len(data.train) % cfg.global_batch_size
+        log.info("%d training rows: %d per epoch%s", len(data.train), math.ceil(len(data.train) / cfg.global_batch_size),
+                 f"; the last global batch of each epoch holds {tail} rows plus {cfg.global_batch_size - tail} "
+                 "filler rows that carry no loss" if tail else "")
+    if data.label_names:
+        log.info("label map: %s", dict(enumerate(data.label_names)))
+
+
 def run(cfg: TrainConfig, rank: int, world: int, callbacks: list[Callback] | None = None) -> dict:
     """Train on this rank; returns the held-out metrics before and after (identical on all ranks)."""
     seed_everything(cfg.seed)
     out = Path(cfg.output_dir)
     tokenizer = load_tokenizer(cfg.model)
-    data = tokenize(load_splits(cfg.data, cfg.task, cfg.num_labels, cfg.seed), tokenizer, cfg.data, cfg.task)
-    collate = Collator(tokenizer, cfg.task)
+    data = prepare_data(cfg, tokenizer)
     grad_accum = cfg.check_world(world)
-    steps_per_epoch = len(data["train"]) // cfg.global_batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"{len(data['train'])} training examples do not fill one global batch of "
-                         f"{cfg.global_batch_size}")
+    loader, steps_per_epoch = _batches(data, cfg, rank, world)
     total_steps = cfg.max_steps or steps_per_epoch * cfg.epochs
 
     callbacks = default_callbacks(cfg) if callbacks is None else list(callbacks)
@@ -237,34 +238,46 @@ def run(cfg: TrainConfig, rank: int, world: int, callbacks: list[Callback] | Non
     for c in callbacks:
         model = c.configure_model(model)
     engine = ds.initialize(model, ds_config)
-    state = RunState(cfg, engine, rank, world, None, total_steps, steps_per_epoch, callbacks=callbacks)
+    state = RunState(cfg, engine, rank, world, None, total_steps, steps_per_epoch, callbacks=callbacks,
+                     label_names=data.label_names)
     if restored:
         checkpoint.restore(engine, ckpt_root, resume_tag, rank)
         state.step, state.epoch = restored["step"], restored["epoch"]
+        state.best = restored.get("best")
         log.info("resumed from %s at step %d (epoch %d)", ckpt_root / resume_tag, state.step, state.epoch)
     if rank == 0:
-        log.info("%s", trainable_summary(engine.module))
-        log.info("global batch %d = micro batch %d x %d accumulation steps x %d ranks; %d steps",
-                 cfg.global_batch_size, cfg.micro_batch_size, grad_accum, world, total_steps)
+        _log_start(cfg, data, grad_accum, world, total_steps, engine)
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        (out / "data_report.json").write_text(json.dumps(
+            {"label_names": data.label_names, "splits": data.report}, indent=2) + "\n")
     state.metrics = MetricsLog(out, enabled=rank == 0)
-    evals = eval_loader(data["eval"], collate, cfg.micro_batch_size, rank, world)
+    evals = eval_loader(data.eval, data.collator, cfg.micro_batch_size, rank, world)
+    scored_sets = load_eval_sets(cfg.eval.multiple_choice_path, cfg.eval.generation_path, cfg.eval.max_examples)
+
+    def held_out() -> dict:  # the held-out split, then the multiple-choice and generation sets
+        values = evaluate(state.engine, evals, cfg.task)
+        values.update(evaluate_sets(state.engine, tokenizer, scored_sets, batch_size=cfg.micro_batch_size,
+                                    max_new_tokens=cfg.eval.max_new_tokens))
+        return values
+
     results = {"trainable": trainable_summary(engine.module)}
     if cfg.eval_before and not restored:
-        results["before"] = evaluate(engine, evals, cfg.task)
+        results["before"] = held_out()
         state.metrics.write(0, "eval", results["before"])
     for c in state.callbacks:
         c.on_train_start(state)
 
-    loader = train_loader(data["train"], collate, cfg.micro_batch_size, rank, world, cfg.seed)
     state.engine.train()
     bar = tqdm(total=total_steps, initial=state.step, disable=rank != 0, desc="train", dynamic_ncols=True)
     window_t, window_tokens = time.perf_counter(), 0.0
     while state.step < total_steps and not state.stop:
         done_in_epoch = state.step - state.epoch * steps_per_epoch  # > 0 when resuming mid-epoch
-        loader.sampler.set_epoch(state.epoch)
-        loader.sampler.skip = done_in_epoch * grad_accum * cfg.micro_batch_size
+        if data.streaming:
+            loader.dataset.skip = state.step * grad_accum * cfg.micro_batch_size
+        else:
+            loader.sampler.set_epoch(state.epoch)
+            loader.sampler.skip = done_in_epoch * grad_accum * cfg.micro_batch_size
         batches = iter(loader)
         for _ in range(min(steps_per_epoch - done_in_epoch, total_steps - state.step)):
             micro = [{k: v.to(state.engine.device) for k, v in next(batches).items()} for _ in range(grad_accum)]
@@ -276,11 +289,14 @@ def run(cfg: TrainConfig, rank: int, world: int, callbacks: list[Callback] | Non
             bar.update(1)
             if state.step % cfg.log_every == 0 or state.step == total_steps:
                 values.update(tokens_per_s=window_tokens / (time.perf_counter() - window_t), epoch=state.epoch)
+                if data.streaming:
+                    values["skipped_rows"] = ds.all_reduce_sum(torch.tensor(
+                        float(loader.dataset.skipped), device=state.engine.device)).item()
                 state.metrics.write(state.step, "train", values)
                 bar.set_postfix(loss=f"{values['loss']:.4f}")
                 window_t, window_tokens = time.perf_counter(), 0.0
             if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < total_steps:
-                state.metrics.write(state.step, "eval", evaluate(state.engine, evals, cfg.task))
+                state.record_eval(held_out())
             for c in state.callbacks:
                 c.on_step_end(state)
             if cfg.save_every and state.step % cfg.save_every == 0 and state.step < total_steps:
@@ -291,16 +307,26 @@ def run(cfg: TrainConfig, rank: int, world: int, callbacks: list[Callback] | Non
 
     finished = state.step == total_steps  # else stopped early (preemption): checkpoint first, no eval
     if finished:
-        results["after"] = evaluate(state.engine, evals, cfg.task)
-        state.metrics.write(state.step, "eval", results["after"])
+        results["after"] = held_out()
     for c in state.callbacks:
         c.on_train_end(state)
-    state.save_checkpoint()
+    if finished:
+        state.record_eval(results["after"])
+        if data.test is not None:
+            test = eval_loader(data.test, data.collator, cfg.micro_batch_size, rank, world)
+            results["test"] = evaluate(state.engine, test, cfg.task)
+            state.metrics.write(state.step, "test", results["test"])
+    if not state.saved_at_step():
+        state.save_checkpoint()
     if finished:
         with ds.gathered_trainable(state.engine):
             if rank == 0:
                 save_adapters(state.engine.module, out / "adapter")
+                if data.label_names:
+                    (out / "adapter" / "label_map.json").write_text(json.dumps(data.label_names) + "\n")
     state.metrics.close()
     results["steps"] = state.step
+    results["best"] = state.best
     results["trainable"] = trainable_summary(state.engine.module)  # after any topology change
     return results
+

@@ -47,10 +47,12 @@ CASES = [
     Case("missing_data_file", "data file {case}/no_such_data.csv does not exist",
          {"data": {"path": "{case}/no_such_data.csv"}}),
     Case("empty_data_file", "data file {case}/data.csv is empty", {}, data=""),
-    Case("broken_jsonl", "data file {case}/data.jsonl could not be parsed as jsonl", {"data": {"format": "auto"}},
+    Case("broken_jsonl", "data file {case}/data.jsonl: line 2 is not valid JSON", {"data": {"format": "auto"}},
          data='{"text": "good movie", "label": 1}\n{"text": "bad film", "label": \n', data_ext="jsonl"),
-    Case("csv_without_text_column", "data file {case}/data.csv has no text column 'text'", {},
+    Case("csv_without_text_column", "the train split ({case}/data.csv) has no column 'text'", {},
          data="sentence,label\n" + "".join(f"good {i},1\nbad {i},0\n" for i in range(4))),
+    Case("head_of_other_label_count", "has a classification head of 2 labels, the recipe asks for num_labels=3",
+         {"num_labels": 3}),
     Case("output_dir_not_empty", "output_dir {case}/out is not empty", {"overwrite_output_dir": False}),
 ]
 # Known library bug: on a JSON parse error `datasets` logs the failure itself (to stderr through its own

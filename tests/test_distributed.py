@@ -162,7 +162,8 @@ def test_cli_end_to_end_on_real_minilm(tmp_path):
     from lor2c_ds import load_adapters
     from lor2c_ds.config import load_config
     from lor2c_ds.data import eval_loader, prepare_data
-    from lor2c_ds.train import evaluate_plain, load_tokenizer
+    from lor2c_ds.evaluation import evaluate
+    from lor2c_ds.train import load_tokenizer
 
     recipe = REPO / "launcher" / "configs" / "minilm_lor2c.yaml"
     out = tmp_path / "run"
@@ -186,7 +187,7 @@ def test_cli_end_to_end_on_real_minilm(tmp_path):
     load_adapters(model, out / "adapter")
     tokenizer = load_tokenizer(cfg.model)
     data = prepare_data(cfg, tokenizer)
-    plain = evaluate_plain(model, eval_loader(data.eval, data.collator, 32, 0, 1), cfg.task)
+    plain = evaluate(model, eval_loader(data.eval, data.collator, 32, 0, 1), cfg.task)
     assert plain["accuracy"] == pytest.approx(after["accuracy"], abs=1e-9)
     assert plain["loss"] == pytest.approx(after["loss"], rel=1e-5)
 

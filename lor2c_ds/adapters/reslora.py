@@ -427,7 +427,8 @@ def merge_report(model: nn.Module, batches, task: str, reduce=lambda t: t, rank:
     """The training-time graph against the merged model on held-out `batches`: logits difference
     (max abs, relative Frobenius) over scored positions, and both models' metric. `reduce` sums over
     ranks (each rank passes its own shard). The frozen weights are only read."""
-    from ..train import scored_labels, summed_loss  # the recipe's own loss and targets
+    from ..data import model_inputs
+    from ..evaluation import scored_labels, summed_loss  # the recipe's own loss and targets
 
     was_training = model.training
     model.eval()
@@ -436,15 +437,15 @@ def merge_report(model: nn.Module, batches, task: str, reduce=lambda t: t, rank:
     max_abs = torch.zeros(world, dtype=torch.float64, device=device)
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        inputs = model_inputs(batch)
         ref = model(**inputs).logits.float()
         with merged_view(model, gather):
             merged = model(**inputs).logits.float()
         labels = scored_labels(batch, task)
-        if task == "classification":
+        if task in ("classification", "regression"):
             keep = batch["valid"].bool()
         else:
-            keep = batch["attention_mask"].bool() & batch["valid"].bool()[:, None]
+            keep = batch.get("attention_mask", torch.ones_like(batch["input_ids"])).bool() & batch["valid"].bool()[:, None]
         diff = (merged - ref)[keep]
         max_abs[rank] = torch.maximum(max_abs[rank], diff.abs().max() if diff.numel() else max_abs[rank])
         stats = [diff.double().pow(2).sum(), ref[keep].double().pow(2).sum(),
@@ -464,7 +465,7 @@ def merge_report(model: nn.Module, batches, task: str, reduce=lambda t: t, rank:
               "loss_train_graph": t[2] / n, "loss_merged": t[3] / n}
     if task == "classification":
         report.update(accuracy_train_graph=t[5] / n, accuracy_merged=t[6] / n)
-    else:
+    elif task != "regression":
         report.update(perplexity_train_graph=math.exp(min(t[2] / n, 50.0)),
                       perplexity_merged=math.exp(min(t[3] / n, 50.0)))
     return report
@@ -498,13 +499,12 @@ class ResLoRACallback(Callback):
 
     def on_train_end(self, run) -> None:
         from .. import engine as ds
-        from ..data import Collator, eval_loader, load_splits, tokenize
+        from ..data import eval_loader, prepare_data
         from ..train import load_tokenizer
 
         cfg, model = run.cfg, run.engine.module
-        tokenizer = load_tokenizer(cfg.model)
-        data = tokenize(load_splits(cfg.data, cfg.task, cfg.num_labels, cfg.seed), tokenizer, cfg.data, cfg.task)
-        batches = eval_loader(data["eval"], Collator(tokenizer, cfg.task), cfg.micro_batch_size, run.rank, run.world)
+        data = prepare_data(cfg, load_tokenizer(cfg.model))
+        batches = eval_loader(data.eval, data.collator, cfg.micro_batch_size, run.rank, run.world)
         configured = cfg.adapter.resolved_merge_rule
         mods = [m for _, m in reslora_modules(model)]
         # every rule of the variant, the configured one last (it is what the modules keep)

@@ -15,6 +15,7 @@ from torch import nn
 
 from ..adapters import CONFIG_NAME, WEIGHTS_NAME, AdapterConfig, apply_adapters
 from ..adapters.config import ConfigError
+from ..config import model_kind
 from ..registry import UnsupportedArchitectureError
 from .load import SECTION, auto_class, model_config, parity
 from .safetensors_io import INDEX_NAME, ExportError, _base_tensors, _parse_size, _read_tensor, _write_shard
@@ -100,11 +101,26 @@ def _load_side_state(model: nn.Module, adapter_dir: Path) -> None:
 
 def _task_of(adapter_state: dict, train_cfg, heads: tuple[str, ...]) -> tuple[str, int | None]:
     if train_cfg is not None:
-        return train_cfg.task, train_cfg.num_labels if train_cfg.task == "classification" else None
+        kind = model_kind(train_cfg.task)
+        return kind, train_cfg.num_labels if kind == "classification" else None
     for head in heads:
         if f"{head}.weight" in adapter_state:
             return "classification", adapter_state[f"{head}.weight"].shape[0]
     return "causal_lm", None
+
+
+def _describe_head(hf_config, adapter_dir: Path, train_cfg) -> None:
+    """The exported config names the labels training used (id2label) and marks a regression head."""
+    names = None
+    if (adapter_dir / "label_map.json").is_file():
+        names = json.loads((adapter_dir / "label_map.json").read_text())
+    elif (adapter_dir / "run_state.json").is_file():
+        names = json.loads((adapter_dir / "run_state.json").read_text()).get("label_names")
+    if names:
+        hf_config.id2label = dict(enumerate(names))
+        hf_config.label2id = {name: i for i, name in enumerate(names)}
+    if train_cfg is not None and train_cfg.task == "regression":
+        hf_config.problem_type = "regression"
 
 
 def _is_projection(module: nn.Module) -> bool:
@@ -127,6 +143,7 @@ def build_plan(adapter_dir: Path, base: Path, train_cfg=None) -> Plan:
     heads = spec.heads if spec else ("classifier", "score")
     task, num_labels = _task_of(state, train_cfg, heads)
     hf_config = model_config(base, task, num_labels)
+    _describe_head(hf_config, adapter_dir, train_cfg)
     with torch.device("meta"):
         model = auto_class(task).from_config(hf_config)
         spec_for(model)  # unsupported architecture: a clear error before anything else
