@@ -194,18 +194,35 @@ def _prepare_smollm2(target: Path) -> None:
             raise ValueError(f"saved checkpoint lacks some of {SMOLLM2_FILES}")
 
 
-def _prepare_chitchat(target: Path) -> None:
+def _chitchat_conversations() -> list[list[str]]:
+    """Each conversation as its turns (a turn joins one speaker's consecutive messages)."""
     folder = _ensure_package("chitchat_dataset", "chitchat-dataset==0.9.0")
     with (folder / "dataset.json").open(encoding="utf-8") as f:
         conversations = json.load(f)
     if len(conversations) != CHITCHAT_CONVERSATIONS:
         raise ValueError(f"expected {CHITCHAT_CONVERSATIONS} conversations, "
                          f"got {len(conversations)}")
+    return [[" ".join(m["text"] for m in turn) for turn in conv["messages"]] for conv in conversations.values()]
+
+
+def _prepare_chitchat(target: Path) -> None:
+    """Plain text, one conversation a row: {"text"} (causal LM)."""
     with _staged_file(target) as tmp:
         with tmp.open("w", encoding="utf-8") as out:
-            for conv in conversations.values():
-                text = "\n".join(" ".join(m["text"] for m in turn) for turn in conv["messages"])
-                out.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+            for turns in _chitchat_conversations():
+                out.write(json.dumps({"text": "\n".join(turns)}, ensure_ascii=False) + "\n")
+
+
+def _prepare_chitchat_chat(target: Path) -> None:
+    """Chat rows {"messages": [{"role", "content"}]}: the speakers alternate as user and assistant.
+    Conversations of a single turn have no response and are left out."""
+    with _staged_file(target) as tmp:
+        with tmp.open("w", encoding="utf-8") as out:
+            for turns in _chitchat_conversations():
+                if len(turns) < 2:
+                    continue
+                messages = [{"role": ("user", "assistant")[i % 2], "content": t} for i, t in enumerate(turns)]
+                out.write(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
 
 
 def prepare_assets(home: Path | None = None, decoder: bool = True) -> dict[str, Path]:
@@ -221,6 +238,7 @@ def prepare_assets(home: Path | None = None, decoder: bool = True) -> dict[str, 
         "polarity": home / "data" / "polarity-en-pang-lee2.csv",
         "smollm2": home / "models" / "SmolLM2-135M-Instruct",
         "chitchat": home / "data" / "chitchat.jsonl",
+        "chitchat_chat": home / "data" / "chitchat_chat.jsonl",
     }
     steps = [
         ("minilm", _prepare_minilm, lambda p: _dir_complete(p, MINILM_FILES)),
@@ -230,6 +248,7 @@ def prepare_assets(home: Path | None = None, decoder: bool = True) -> dict[str, 
         steps += [
             ("smollm2", _prepare_smollm2, lambda p: _dir_complete(p, SMOLLM2_FILES)),
             ("chitchat", _prepare_chitchat, Path.is_file),
+            ("chitchat_chat", _prepare_chitchat_chat, Path.is_file),
         ]
     for name, build, complete in steps:
         target = paths[name]

@@ -22,6 +22,7 @@ from .adapters import save_adapters
 
 RUN_STATE = "run_state.json"
 LATEST = "latest"
+BEST = "best.json"
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -60,8 +61,10 @@ def read_run_state(root: Path, tag: str) -> dict:
     return json.loads((root / tag / RUN_STATE).read_text())
 
 
-def save(engine, root: Path, tag: str, run_state: dict, rank: int, keep: int | None = None) -> Path:
-    """Write checkpoint `tag` on every rank; returns its directory once it is complete."""
+def save(engine, root: Path, tag: str, run_state: dict, rank: int, keep: int | None = None,
+         protect: str | None = None) -> Path:
+    """Write checkpoint `tag` on every rank; returns its directory once it is complete. With `keep`,
+    only the newest `keep` complete checkpoints stay, and `protect` (the best one) as well."""
     tag_dir = root / tag
     if rank == 0 and (tag_dir / RUN_STATE).exists():
         (tag_dir / RUN_STATE).unlink()  # rewriting a tag: it is partial until the end
@@ -80,9 +83,15 @@ def save(engine, root: Path, tag: str, run_state: dict, rank: int, keep: int | N
         _write_atomic(root / LATEST, tag + "\n")
         if keep:
             for old in complete_tags(root)[:-keep]:
-                shutil.rmtree(root / old, ignore_errors=True)
+                if old != protect:
+                    shutil.rmtree(root / old, ignore_errors=True)
     ds.barrier()
     return tag_dir
+
+
+def mark_best(root: Path, best: dict) -> None:
+    """`checkpoints/best.json` names the best checkpoint and its metric (rank 0)."""
+    _write_atomic(root / BEST, json.dumps(best, indent=2) + "\n")
 
 
 def restore(engine, root: Path, tag: str, rank: int) -> None:

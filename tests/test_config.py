@@ -171,7 +171,7 @@ def test_section_must_be_a_mapping(recipe):
 @pytest.mark.parametrize("extra,message", [
     ("precision: fp16\n", r"unknown precision 'fp16'; choose one of \['fp32', 'bf16'\]"),
     ("task: seq2seq\n", r"unknown task 'seq2seq'"),
-    ("  format: parquet\n", r"unknown data\.format 'parquet'"),
+    ("  format: xlsx\n", r"unknown data\.format 'xlsx'"),
     ("  eval_fraction: 1.5\n", r"data\.eval_fraction must be in \(0, 1\), got 1\.5"),
     ("micro_batch_size: 0\n", r"micro_batch_size must be a positive integer, got 0"),
     ("nproc: two\n", r"nproc must be a positive integer, got 'two'"),

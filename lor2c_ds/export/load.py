@@ -103,21 +103,21 @@ def _synthetic_batches(vocab: int, n: int) -> list[dict]:
 
 def parity_batches(base: Path, task: str, vocab: int, n: int, train_cfg) -> tuple[list[dict], str]:
     """`n` held-out batches from the run's data when it is at hand, else deterministic token batches."""
-    if train_cfg is not None and Path(train_cfg.data.path).is_file():
+    if train_cfg is not None and Path(train_cfg.data.path).exists() and not train_cfg.data.streaming:
+        import dataclasses
+
         from transformers import AutoTokenizer
 
-        from ..data import Collator, load_splits, tokenize
+        from ..data import model_inputs, prepare_data
 
         tokenizer = AutoTokenizer.from_pretrained(base)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-        splits = load_splits(train_cfg.data, task, train_cfg.num_labels, train_cfg.seed)
-        held_out = splits["eval"].select(range(min(4 * n, len(splits["eval"]))))
-        rows = list(tokenize({"eval": held_out}, tokenizer, train_cfg.data, task)["eval"])
-        collate = Collator(tokenizer, task)
-        batches = [collate([dict(r) for r in rows[i:i + 4]]) for i in range(0, len(rows), 4)]
-        return [{k: b[k] for k in ("input_ids", "attention_mask")} for b in batches], \
-            f"held-out split of {train_cfg.data.path}"
+        data_cfg = dataclasses.replace(train_cfg.data, max_eval_examples=4 * n, test_path=None)
+        data = prepare_data(dataclasses.replace(train_cfg, data=data_cfg), tokenizer)
+        rows = list(data.eval)
+        batches = [data.collator([dict(r) for r in rows[i:i + 4]]) for i in range(0, len(rows), 4)]
+        return [model_inputs(b) for b in batches], f"held-out split of {train_cfg.data.path}"
     return _synthetic_batches(vocab, n), "synthetic token batches (seed 0)"
 
 
@@ -132,7 +132,7 @@ def compare(ref: list[torch.Tensor], got: list[torch.Tensor], batches: list[dict
     max_abs, scale = 0.0, 0.0
     for r, g, b in zip(ref, got, batches):
         if task == "causal_lm":
-            keep = b["attention_mask"].bool()
+            keep = b.get("attention_mask", torch.ones_like(b["input_ids"])).bool()
             r, g = r[keep], g[keep]
         max_abs = max(max_abs, (r - g).abs().max().item())
         scale = max(scale, r.abs().max().item())
