@@ -237,3 +237,80 @@ def overwrite_trainable(updates: dict) -> None:
             safe_set_full_optimizer_state(param, torch.zeros_like(value), key)
         with torch.no_grad():  # trainable parameters are whole on every rank (pinned under ZeRO-3)
             param.data.copy_(value.to(param.dtype).view_as(param.data))
+
+
+# --- Measurements for the benchmark (launcher/bench.py, launcher/bench_peft.py) ------------------
+
+# DeepSpeed's communication logger keys each call by the collective's function name and records one
+# message size: the bytes of its input tensor (for an all-gather, this rank's shard; for a
+# reduce-scatter, the whole buffer before it is scattered).
+_COLLECTIVE_NAMES = {"all_gather_into_tensor": "all_gather", "reduce_scatter_tensor": "reduce_scatter",
+                     "all_reduce_coalesced": "all_reduce"}
+
+
+def comms_logging(enabled: bool) -> None:
+    """Switch DeepSpeed's communication logger on (every collective, its records cleared) or off.
+
+    It is switched on through `deepspeed.comm.configure` for a measurement window only, never in the
+    DeepSpeed config: while on, it synchronises the device after every collective, which would
+    change the step times it sits beside."""
+    dist.configure(enabled=enabled, prof_all=enabled, verbose=False, debug=False)
+    if enabled:
+        dist.comms_logger.reset_data()
+
+
+def logged_comms() -> dict[str, dict[str, int]]:
+    """What the logger recorded on this rank since `comms_logging(True)`, read from its records.
+
+    `calls` and `message_bytes` per collective as DeepSpeed names and measures them; `bytes` per
+    collective type (all_gather, reduce_scatter, all_reduce, broadcast, ...) as the whole buffer the
+    collective produces or consumes: an all-gather's message (one shard) times the world size, any
+    other collective's message as logged. Collectives that move no tensor (barrier) are left out."""
+    world = dist.get_world_size()
+    out: dict[str, dict[str, int]] = {"calls": {}, "message_bytes": {}, "bytes": {}}
+    for name, sizes in dist.comms_logger.get_raw_data().items():
+        calls = sum(record[0] for record in sizes.values())
+        message = sum(int(size) * record[0] for size, record in sizes.items())
+        if not message:
+            continue
+        kind = _COLLECTIVE_NAMES.get(name, name)
+        out["calls"][name] = calls
+        out["message_bytes"][name] = message
+        whole = message * world if kind == "all_gather" else message
+        out["bytes"][kind] = out["bytes"].get(kind, 0) + whole
+    return out
+
+
+def _bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def parameter_bytes(engine) -> dict[str, int]:
+    """This rank's parameter bytes: `backbone` (frozen tensors: the local ZeRO-3 partition `ds_tensor`,
+    else the whole tensor) and `backbone_whole` (their full size), `trainable` (trainable tensors whole,
+    as forward uses them), `trainable_partition` (their local partition; the whole tensor below
+    ZeRO-3) and `trainable_numel` (full element count)."""
+    out = dict.fromkeys(("backbone", "backbone_whole", "trainable", "trainable_partition", "trainable_numel"), 0)
+    for p in engine.module.parameters():
+        local = _bytes(p.ds_tensor) if hasattr(p, "ds_tensor") else _bytes(p)
+        numel = int(getattr(p, "ds_numel", p.numel()))
+        if p.requires_grad:
+            out["trainable"] += numel * p.element_size()
+            out["trainable_partition"] += local
+            out["trainable_numel"] += numel
+        else:
+            out["backbone"] += local
+            out["backbone_whole"] += numel * p.element_size()
+    return out
+
+
+def optimizer_state_bytes(engine) -> int:
+    """This rank's optimizer bytes: the fp32 master copies the optimizer steps (ZeRO's partition of
+    them) and every tensor of its state (Adam's moments), scalars excluded. ZeRO-3 puts its masters
+    in the optimizer's parameter groups only while it steps; they stay the keys of its state."""
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    module_params = {id(p) for p in engine.module.parameters()}
+    candidates = [p for group in inner.param_groups for p in group["params"]] + list(inner.state)
+    masters = {id(p): p for p in candidates if torch.is_tensor(p) and id(p) not in module_params}
+    state = sum(_bytes(v) for s in inner.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0)
+    return sum(_bytes(p) for p in masters.values()) + state
