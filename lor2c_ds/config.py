@@ -85,6 +85,7 @@ class TrainConfig:
     global_batch_size: int = 32
     micro_batch_size: int = 16
     grad_clip: float = 1.0
+    activation_checkpointing: bool = False  # recompute block activations in backward (lor2c-plan says when)
     log_every: int = 10
     eval_every: int | None = None  # optimizer steps; None: evaluate at the end only
     eval_before: bool = True  # evaluate the untuned model first, for comparison

@@ -47,6 +47,8 @@ def load_backbone(cfg: TrainConfig, ds_config: dict):
             model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = model.config.eos_token_id
+    if cfg.activation_checkpointing:  # recompute each block in backward; the adapter hooks stay outside
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 
