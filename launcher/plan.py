@@ -5,7 +5,7 @@
     lor2c-plan --validate bench.json        # predicted vs measured, one table per record
 
 The model is a shipped shape name (launcher/model_shapes/), a config.json, or a model directory holding
-one. The modelling and its formulas are in lor2c_ds/planner.py. Exit codes: 0 planned, 2 bad input,
+one. The modelling and its formulas are in the lor2c_ds.planner docstring. Exit codes: 0 planned, 2 bad input,
 3 the model fits no layout on these GPUs, 1 a --validate error above --tolerance.
 """
 from __future__ import annotations
