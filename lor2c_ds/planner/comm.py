@@ -81,15 +81,17 @@ DS_NAMES = {"all_gather": "all_gather_into_tensor", "reduce_scatter": "reduce_sc
             "all_reduce": "all_reduce"}
 
 
-def _collective(what: str, kind: str, message: float, nodes: int, local: int, cluster: Cluster) -> dict | None:
+def _collective(what: str, kind: str, message: float, nodes: int, local: int, cluster: Cluster,
+                logged_alone: bool = False) -> dict | None:
     """One collective over `nodes` x `local` ranks. `message`: what DeepSpeed's comms logger records (an
     all-gather's per-rank shard, a reduce-scatter's or all-reduce's whole input). `bytes`: the whole
     buffer (an all-gather's message times the group size), as launcher/bench.py reports it.
     A group of one rank sends nothing: DeepSpeed skips its all-gathers (its reduce-scatter still runs
-    and is logged, and costs no time)."""
+    and is logged, and costs no time); `logged_alone`: an explicit `GatheredParameters` all-gather, which
+    DeepSpeed runs and logs even in a group of one."""
     group = nodes * local
     whole = message * group if kind == "all_gather" else message
-    if group == 1 and kind == "all_gather":
+    if group == 1 and kind == "all_gather" and not logged_alone:
         return None
     factor = 2 if kind == "all_reduce" else 1
     return {"what": what, "collective": kind, "group": f"{nodes}x{local}", "bytes": whole,

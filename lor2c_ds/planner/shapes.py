@@ -127,7 +127,8 @@ def load_facts(config: dict, work: Workload) -> ModelFacts:
         elif isinstance(m, (LoRA, ResLoRA)):
             block = block_of.get(id(m))
             adapters.append({"kind": "reslora" if isinstance(m, ResLoRA) else "lora", "block": block,
-                             "d_in": m.lora_A.in_features, "r": m.r, "dropout": float(adapter.dropout),
+                             "d_in": m.lora_A.in_features, "d_out": m.lora_B.out_features, "r": m.r,
+                             "dropout": float(adapter.dropout),
                              "variant": adapter.reslora_variant, "pre_num": adapter.pre_num})
             first_grad = min(first_grad, block if block is not None else len(blocks))
     # what runs in backward: adapters, blocks from the first gradient-carrying one, and whatever returns
