@@ -38,10 +38,10 @@ class PreparedData:
 
 
 @contextlib.contextmanager
-def _rank_zero_first():
+def _rank_zero_first(all_ranks: bool):
     """Rank 0 builds the `datasets` cache files; the others wait, then reuse them."""
     dist = torch.distributed
-    ranks = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    ranks = all_ranks and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     if ranks and dist.get_rank() != 0:
         dist.barrier()
     try:
@@ -76,9 +76,11 @@ def _screen(ds, raw, name: str, path: str, on_bad_rows: str) -> tuple[object, di
     return ds.remove_columns(list(_MARKS)), report
 
 
-def prepare_data(cfg: TrainConfig, tokenizer) -> PreparedData:
+def prepare_data(cfg: TrainConfig, tokenizer, all_ranks: bool = True) -> PreparedData:
+    """Every split read, encoded and screened. `all_ranks`: every rank of a process group calls this
+    (rank 0 goes first); False when one rank calls it alone (an export on rank 0)."""
     data, task = cfg.data, cfg.task
-    with _rank_zero_first():
+    with _rank_zero_first(all_ranks):
         splits = load_splits(data, cfg.seed)
         required = {"classification": [data.text_field, data.label_field], "regression": [data.text_field,
                     data.label_field], "causal_lm": [data.text_field], "chat": []}[task]

@@ -114,7 +114,7 @@ def parity_batches(base: Path, task: str, vocab: int, n: int, train_cfg) -> tupl
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         data_cfg = dataclasses.replace(train_cfg.data, max_eval_examples=4 * n, test_path=None)
-        data = prepare_data(dataclasses.replace(train_cfg, data=data_cfg), tokenizer)
+        data = prepare_data(dataclasses.replace(train_cfg, data=data_cfg), tokenizer, all_ranks=False)
         rows = list(data.eval)
         batches = [data.collator([dict(r) for r in rows[i:i + 4]]) for i in range(0, len(rows), 4)]
         return [model_inputs(b) for b in batches], f"held-out split of {train_cfg.data.path}"
