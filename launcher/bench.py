@@ -230,13 +230,7 @@ def worker(spec: dict) -> None:
     import torch
 
     from lor2c_ds import engine as ds
-    from lor2c_ds.train import (
-        RunState,
-        default_callbacks,
-        load_backbone,
-        scored_labels,
-        summed_loss,
-    )
+    from lor2c_ds.train import RunState, default_callbacks, load_backbone, train_step
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     rank, world = ds.init_distributed()
@@ -253,13 +247,10 @@ def worker(spec: dict) -> None:
         c.configure_model(engine.module)
     run = RunState(cfg, engine, rank, world, None, total_steps(spec), total_steps(spec), callbacks=callbacks)
     batch = {k: v.to(engine.device) for k, v in synthetic_batch(spec, model.config.vocab_size, rank).items()}
-    labels = scored_labels({**batch, "valid": torch.ones(spec["micro_batch"], device=engine.device)},
-                           spec["task"])
+    batch["valid"] = torch.ones(spec["micro_batch"], device=engine.device)
 
-    def step():
-        logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        engine.backward(summed_loss(logits, labels, spec["task"]) / labels.numel())
-        engine.step()
+    def step():  # lor2c-train's own step (loss normalised by the global target count), one micro-batch
+        train_step(engine, [batch], spec["task"], world)
         run.step += 1
         for c in callbacks:
             c.on_step_end(run)

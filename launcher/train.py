@@ -39,7 +39,7 @@ def preflight(cfg) -> None:
     from lor2c_ds.checkpoint import latest_complete
     from lor2c_ds.config import model_kind
     from lor2c_ds.data import prepare_data
-    from lor2c_ds.evaluation import load_eval_sets
+    from lor2c_ds.evaluation import load_eval_sets, metric_names
     from lor2c_ds.train import load_tokenizer
     from lor2c_ds.engine import resolve_ds_config_path
     from lor2c_ds.registry import ARCHITECTURES
@@ -59,6 +59,10 @@ def preflight(cfg) -> None:
     resolve_ds_config_path(cfg.deepspeed)
     prepare_data(cfg, load_tokenizer(cfg.model))  # every data error, before any rank starts
     load_eval_sets(cfg.eval.multiple_choice_path, cfg.eval.generation_path, cfg.eval.max_examples)
+    known = metric_names(cfg.task, bool(cfg.eval.multiple_choice_path), bool(cfg.eval.generation_path))
+    if cfg.eval.best_metric and cfg.eval.best_metric not in known:
+        raise ConfigError(f"eval.best_metric {cfg.eval.best_metric!r} is not reported for task {cfg.task}; "
+                          f"choose one of {sorted(known)}")
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output_dir {out} exists and is not a directory")

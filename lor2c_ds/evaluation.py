@@ -167,6 +167,15 @@ def summarize(parts: list[dict], task: str) -> dict:
     return {"loss": loss, **classification_metrics(preds, labels, num_classes), "examples": count}
 
 
+def metric_names(task: str, multiple_choice: bool = False, generation: bool = False) -> set[str]:
+    """The metrics an evaluation of `task` reports (with the optional scored sets): what
+    eval.best_metric may name."""
+    names = {"classification": {"loss", "accuracy", "f1", "f1_macro", "mcc"},
+             "regression": {"loss", "pearson", "spearman", "mse"}}.get(task, {"loss", "perplexity"})
+    return names | ({"mc_accuracy", "mc_accuracy_norm"} if multiple_choice else set()) | \
+        ({"exact_match"} if generation else set())
+
+
 def evaluate(model, loader, task: str, *, gather: bool = True) -> dict:
     """Held-out metrics over every rank's shard of `loader` (built by `data.eval_loader`; every rank
     runs the same number of batches). A DeepSpeed engine or a plain model; with `gather=False` only

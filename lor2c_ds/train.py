@@ -24,7 +24,7 @@ from . import engine as ds
 from .adapters import apply_adapters, save_adapters, trainable_summary
 from .callbacks import Callback
 from .preemption import PreemptionCallback
-from .config import TrainConfig
+from .config import TrainConfig, model_kind
 from .evaluation import evaluate, evaluate_sets, load_eval_sets, metric_direction, scored_labels, summed_loss
 from .data import PreparedData, StreamShard, eval_loader, model_inputs, prepare_data, stream_loader, train_loader
 
@@ -40,7 +40,7 @@ def seed_everything(seed: int) -> None:
 def load_backbone(cfg: TrainConfig, ds_config: dict):
     """The pretrained model, partitioned while it loads under ZeRO-3."""
     with ds.zero3_loading(ds_config):
-        if cfg.task in ("classification", "regression"):
+        if model_kind(cfg.task) == "classification":
             model = AutoModelForSequenceClassification.from_pretrained(
                 cfg.model, num_labels=cfg.num_labels, dtype=torch.float32)
         else:
@@ -251,8 +251,7 @@ def run(cfg: TrainConfig, rank: int, world: int, callbacks: list[Callback] | Non
         _log_start(cfg, data, grad_accum, world, total_steps, engine)
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-        (out / "data_report.json").write_text(json.dumps(
-            {"label_names": data.label_names, "splits": data.report}, indent=2) + "\n")
+        (out / "data_report.json").write_text(json.dumps({"splits": data.report}, indent=2) + "\n")
     state.metrics = MetricsLog(out, enabled=rank == 0)
     evals = eval_loader(data.eval, data.collator, cfg.micro_batch_size, rank, world)
     scored_sets = load_eval_sets(cfg.eval.multiple_choice_path, cfg.eval.generation_path, cfg.eval.max_examples)

@@ -53,6 +53,8 @@ CASES = [
          data="sentence,label\n" + "".join(f"good {i},1\nbad {i},0\n" for i in range(4))),
     Case("head_of_other_label_count", "has a classification head of 2 labels, the recipe asks for num_labels=3",
          {"num_labels": 3}),
+    Case("unknown_best_metric", "eval.best_metric 'acuracy' is not reported for task classification",
+         {"eval": {"best_metric": "acuracy"}}),
     Case("output_dir_not_empty", "output_dir {case}/out is not empty", {"overwrite_output_dir": False}),
 ]
 # Known library bug: on a JSON parse error `datasets` logs the failure itself (to stderr through its own

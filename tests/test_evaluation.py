@@ -539,3 +539,13 @@ if __name__ == "__main__" and sys.argv[1:2] == ["probe"]:
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     probe(*sys.argv[2:])
+
+
+def test_metric_names_are_what_summarize_reports():
+    """eval.best_metric is checked against metric_names before training: it must match the real keys."""
+    from lor2c_ds.evaluation import metric_names, summarize
+
+    parts = [{"loss": 1.0, "count": 2, "preds": [0, 1], "labels": [0, 1], "num_classes": 2}]
+    for task in ("classification", "regression", "causal_lm", "chat"):
+        reported = set(summarize(parts, task)) - {"examples", "tokens"}
+        assert reported == metric_names(task), task

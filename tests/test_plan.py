@@ -192,8 +192,9 @@ def test_predictions_match_a_real_zero3_engine(tmp_path):
     model_dir = tmp_path / "tiny"
     torch.manual_seed(0)
     LlamaForCausalLM(LlamaConfig(**{k: v for k, v in TINY.items() if k != "model_type"})).save_pretrained(model_dir)
-    procs = {}
-    for ranks in (1, 2):  # both at once; one rank needs no launcher (as launcher/bench.py runs it)
+    records = []
+    for ranks in (1, 2):  # one after the other (concurrent first runs would race to JIT-build DeepSpeed's
+        # comm op); one rank needs no launcher (as launcher/bench.py runs it)
         out = tmp_path / f"rank{ranks}.json"
         probe = [str(REPO / "tests" / "plan_probe.py"), str(model_dir), "lor2c", str(out), "--seq", "32",
                  "--micro-batch", "2"]
@@ -205,12 +206,9 @@ def test_predictions_match_a_real_zero3_engine(tmp_path):
         else:
             cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}", "--rdzv-backend=c10d",
                    f"--rdzv-endpoint=127.0.0.1:{free_port()}", *probe]
-        procs[out] = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                      text=True)
-    records = []
-    for out, proc in procs.items():
-        _, err = proc.communicate(timeout=300)
-        assert proc.returncode == 0, err[-4000:]
+        proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr[-4000:]
         records.append(json.loads(out.read_text()))
     for record in records:
         plan = make_plan(json.loads((model_dir / "config.json").read_text()),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections import Counter
 import logging
 from dataclasses import dataclass, field
 
@@ -60,12 +61,12 @@ def _encode(ds, encoder: Encoder):
 
 def _screen(ds, raw, name: str, path: str, on_bad_rows: str) -> tuple[object, dict]:
     """Fail on rows the encoder marked bad (quoting the first), or drop and count them; count truncated rows."""
-    problems = [p for p in ds["_problem"] if p]
-    report = {"rows": len(ds), "skipped": {}, "truncated": int(sum(ds["_truncated"]))}
-    for p in problems:
-        report["skipped"][p] = report["skipped"].get(p, 0) + 1
+    marks = ds["_problem"]
+    bad = [i for i, p in enumerate(marks) if p]
+    report = {"rows": len(ds), "skipped": dict(Counter(marks[i] for i in bad)), "truncated": int(sum(ds["_truncated"]))}
+    problems = [marks[i] for i in bad]
     if problems and on_bad_rows == "error":
-        first = json.dumps(raw[next(i for i, p in enumerate(ds["_problem"]) if p)], default=str)
+        first = json.dumps(raw[bad[0]], default=str)
         first = first if len(first) < 200 else first[:200] + "..."
         raise DataError(f"{name} split ({path}): {len(problems)} bad row(s): {problems[0]} in {first}; "
                         "fix them or set data.on_bad_rows: skip to skip and count them")
