@@ -11,6 +11,7 @@ torch.distributed.run. Bad input is reported once, before any process starts or 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -87,13 +88,33 @@ def spawn_local(nproc: int, argv: list[str], nodes: list[str] | None = None) -> 
     cmd = [sys.executable, "-m", "torch.distributed.run", *nodes, f"--nproc_per_node={nproc}",
            "-m", "launcher.train", *argv]
     env = dict(os.environ, **{PREFLIGHT_DONE: "1"})
-    # torchrun inherits an ignored SIGUSR1 (the ranks install their own handler). SIGTERM: SLURM signals
-    # every process of the step; elsewhere it is passed on. Either way this process reports the exit code.
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    # torchrun starts each rank in a session of its own, so a signal sent to this process or its group
+    # never reaches them. Inside an srun step SLURM signals every process of the step itself; elsewhere
+    # SIGUSR1 and SIGTERM are handed to the ranks as SIGUSR1 (they stop after the same step with a
+    # checkpoint), never to torchrun, which would kill them on SIGTERM. This process reports the exit code.
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # torchrun inherits it ignored
     child = subprocess.Popen(cmd, env=env)
     in_step = "SLURM_STEP_ID" in os.environ
-    signal.signal(signal.SIGTERM, lambda *_: None if in_step else child.send_signal(signal.SIGTERM))
+
+    def forward(signum, frame):
+        if not in_step:
+            for pid in _children(child.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGUSR1)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGUSR1, forward)
     return child.wait()
+
+
+def _children(pid: int) -> list[int]:
+    """The direct child processes of `pid`, from /proc (torchrun's children are the ranks)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+    return found
 
 
 def slurm_node_launcher_args(env=os.environ) -> list[str]:

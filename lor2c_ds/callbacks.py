@@ -33,4 +33,5 @@ class Callback:
 
     def on_step_end(self, run: "RunState") -> None: ...
 
-    def on_train_end(self, run: "RunState") -> None: ...
+    def on_train_end(self, run: "RunState") -> None:
+        """Only when training reached its last step; a run stopped early (preemption) skips it."""

@@ -5,13 +5,21 @@ excluded), the adapters as safetensors, each rank's RNG state, and, written last
 (the run's position and its callbacks' state). A tag without `run_state.json` is a partial write and
 is never resumed from. `checkpoints/latest` names the newest complete tag and is replaced atomically
 after `run_state.json` exists.
+
+Every run has a `run_id` (kept across its resumes) and records the job that wrote each checkpoint
+(SLURM job id, torchrun restart). Retention deletes only checkpoints of the current run. A fresh run
+(`overwrite_output_dir`) moves the previous run's files aside first, unless the job is a requeue or
+restart of the very job that wrote them: that one resumes.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
+import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -23,6 +31,43 @@ from .adapters import save_adapters
 RUN_STATE = "run_state.json"
 LATEST = "latest"
 BEST = "best.json"
+log = logging.getLogger(__name__)
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+def job_identity(env=os.environ) -> dict:
+    """What identifies the scheduler job writing a checkpoint: a requeued SLURM job keeps its id."""
+    return {"slurm_job_id": env.get("SLURM_JOB_ID"), "torchelastic_run_id": env.get("TORCHELASTIC_RUN_ID")}
+
+
+def is_restart_of(run_state: dict | None, env=os.environ) -> bool:
+    """True when this process is a requeue (same SLURM job id) or a torchrun restart (same elastic run id,
+    restart count > 0) of the job that wrote `run_state`."""
+    if not run_state:
+        return False
+    wrote, now = run_state.get("job") or {}, job_identity(env)
+    if now["slurm_job_id"] and wrote.get("slurm_job_id") == now["slurm_job_id"]:
+        return True
+    restarted = int(env.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
+    return bool(restarted and now["torchelastic_run_id"] and wrote.get("torchelastic_run_id") == now["torchelastic_run_id"])
+
+
+def move_aside(output_dir: Path) -> Path | None:
+    """Move everything in `output_dir` into one new sibling `<name>.previous-<time>` (None if empty)."""
+    if not output_dir.is_dir() or not any(output_dir.iterdir()):
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target = output_dir.with_name(f"{output_dir.name}.previous-{stamp}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = output_dir.with_name(f"{output_dir.name}.previous-{stamp}-{n}")
+    os.replace(output_dir, target)
+    output_dir.mkdir()
+    return target
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -61,10 +106,18 @@ def read_run_state(root: Path, tag: str) -> dict:
     return json.loads((root / tag / RUN_STATE).read_text())
 
 
+def _run_id_of(root: Path, tag: str) -> str | None:
+    try:
+        return read_run_state(root, tag).get("run_id")
+    except (OSError, ValueError):
+        return None
+
+
 def save(engine, root: Path, tag: str, run_state: dict, rank: int, keep: int | None = None,
          protect: str | None = None) -> Path:
     """Write checkpoint `tag` on every rank; returns its directory once it is complete. With `keep`,
-    only the newest `keep` complete checkpoints stay, and `protect` (the best one) as well."""
+    only the newest `keep` complete checkpoints of this run (`run_state["run_id"]`) stay, and `protect`
+    (the best one) as well; checkpoints of other runs are never deleted."""
     tag_dir = root / tag
     if rank == 0 and (tag_dir / RUN_STATE).exists():
         (tag_dir / RUN_STATE).unlink()  # rewriting a tag: it is partial until the end
@@ -82,7 +135,8 @@ def save(engine, root: Path, tag: str, run_state: dict, rank: int, keep: int | N
         _write_atomic(tag_dir / RUN_STATE, json.dumps(run_state, indent=2) + "\n")
         _write_atomic(root / LATEST, tag + "\n")
         if keep:
-            for old in complete_tags(root)[:-keep]:
+            ours = [t for t in complete_tags(root) if _run_id_of(root, t) == run_state.get("run_id")]
+            for old in ours[:-keep]:
                 if old != protect:
                     shutil.rmtree(root / old, ignore_errors=True)
     ds.barrier()

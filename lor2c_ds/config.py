@@ -31,7 +31,7 @@ class DataConfig:
     eval_path: str | None = None  # the validation split; otherwise `eval_fraction` of `path`, seeded
     test_path: str | None = None  # a test split, evaluated at the end and by lor2c-eval
     eval_fraction: float = 0.1
-    streaming: bool = False  # read `path` as a stream: each rank reads only its shard (needs max_steps)
+    streaming: bool = False  # read `path` as a stream: every rank reads the files, keeps every world-th row (needs max_steps)
     shuffle_buffer: int = 10000  # streaming only: the shuffle buffer, seeded by seed and epoch
     # columns
     text_field: str = "text"

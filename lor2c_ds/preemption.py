@@ -2,7 +2,8 @@
 
 The signal handler only records the signal. `PreemptionCallback.on_step_end` sums that flag over all
 ranks (one scalar per step), so every rank stops after the same step; the loop then writes its
-checkpoint as for any early stop. Once every rank has left the process group, `finish` has rank 0
+checkpoint at once, before any end-of-training work (evaluation, ResLoRA's merge report, exports),
+and logs how long after the signal it was complete. Once every rank has left the process group, `finish` has rank 0
 run `scontrol requeue $SLURM_JOB_ID` (once), and the requeued job resumes from that checkpoint.
 """
 from __future__ import annotations
@@ -11,6 +12,7 @@ import logging
 import os
 import signal
 import subprocess
+import time
 
 import torch
 
@@ -20,13 +22,15 @@ log = logging.getLogger(__name__)
 
 SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 _received: int | None = None  # the last signal seen by this process
+_received_at: float | None = None  # time.time() of the first signal
 _stopped_at: int | None = None  # the step at which all ranks agreed to stop
 _requeued = False
 
 
 def _on_signal(signum, frame) -> None:
-    global _received
+    global _received, _received_at
     _received = signum  # nothing else here: the loop acts at its next step boundary
+    _received_at = _received_at or time.time()
 
 
 def install() -> None:
@@ -39,14 +43,18 @@ def received() -> int | None:
     return _received
 
 
+def received_at() -> float | None:
+    return _received_at
+
+
 def stopped_at() -> int | None:
     """The step at which the ranks stopped for a signal, or None if they did not."""
     return _stopped_at
 
 
 def reset() -> None:
-    global _received, _stopped_at, _requeued
-    _received = _stopped_at = None
+    global _received, _received_at, _stopped_at, _requeued
+    _received = _received_at = _stopped_at = None
     _requeued = False
 
 

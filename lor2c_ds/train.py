@@ -38,13 +38,15 @@ def seed_everything(seed: int) -> None:
 
 
 def load_backbone(cfg: TrainConfig, ds_config: dict):
-    """The pretrained model, partitioned while it loads under ZeRO-3."""
+    """The pretrained model in the training precision (a bf16 checkpoint is upcast for fp32 training),
+    partitioned while it loads under ZeRO-3."""
+    dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
     with ds.zero3_loading(ds_config):
         if model_kind(cfg.task) == "classification":
             model = AutoModelForSequenceClassification.from_pretrained(
-                cfg.model, num_labels=cfg.num_labels, dtype=torch.float32)
+                cfg.model, num_labels=cfg.num_labels, dtype=dtype)
         else:
-            model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = model.config.eos_token_id
     if cfg.activation_checkpointing:  # recompute each block in backward; the adapter hooks stay outside
@@ -113,6 +115,7 @@ class RunState:
     label_names: list[str] | None = None  # classification: saved with every checkpoint
     best: dict | None = None  # {"metric", "value", "step", "tag"} of the best evaluation so far
     last_saved_step: int | None = None
+    run_id: str = ""  # kept across resumes; retention only deletes this run's checkpoints
 
     @property
     def output_dir(self) -> Path:
@@ -120,7 +123,8 @@ class RunState:
 
     def run_state(self) -> dict:
         return {"step": self.step, "epoch": self.epoch, "world": self.world, "label_names": self.label_names,
-                "best": self.best, "callbacks": {c.name: c.state_dict() for c in self.callbacks}}
+                "best": self.best, "run_id": self.run_id, "job": checkpoint.job_identity(),
+                "callbacks": {c.name: c.state_dict() for c in self.callbacks}}
 
     def saved_at_step(self) -> bool:
         return self.last_saved_step == self.step
@@ -143,13 +147,13 @@ class RunState:
             checkpoint.mark_best(self.output_dir / "checkpoints", self.best)
         self.metrics.event(self.step, "best", self.best)
 
-    def save_checkpoint(self) -> Path:
+    def save_checkpoint(self, export: bool = True) -> Path:
         root = self.output_dir / "checkpoints"
         protect = self.best["tag"] if self.best else None
         tag_dir = checkpoint.save(self.engine, root, f"step_{self.step}", self.run_state(), self.rank,
                                   keep=self.cfg.keep_checkpoints, protect=protect)
         self.last_saved_step = self.step
-        if self.cfg.export_on_save:  # a merged, consolidated copy in output_dir/export (lor2c_ds.export)
+        if export and self.cfg.export_on_save:  # a merged, consolidated copy in output_dir/export
             from .export import export_run_checkpoint
 
             export_run_checkpoint(self.cfg, tag_dir, self.rank)
@@ -181,6 +185,17 @@ def train_step(engine, micro: list[dict], task: str, world: int) -> dict:
         loss_sum += loss.detach().double()
     return {"loss": ds.all_reduce_sum(loss_sum).item() / targets, "lr": lr,
             "grad_norm": float(engine.get_global_grad_norm() or 0.0), "tokens": counts[1].item()}
+
+
+def _log_preempted(state: RunState) -> None:
+    """How long after the signal the checkpoint was complete (rank 0, when this rank saw the signal)."""
+    from . import preemption
+
+    at = preemption.received_at()
+    if state.rank == 0 and at is not None:
+        seconds = time.time() - at
+        state.metrics.event(state.step, "preempted", {"signal_to_checkpoint_s": seconds})
+        log.warning("checkpoint step_%d complete %.2f s after the preemption signal", state.step, seconds)
 
 
 def default_callbacks(cfg: TrainConfig) -> list[Callback]:
@@ -217,10 +232,31 @@ def _log_start(cfg: TrainConfig, data: PreparedData, grad_accum: int, world: int
         log.info("label map: %s", dict(enumerate(data.label_names)))
 
 
+def _start_or_resume(cfg: TrainConfig, rank: int) -> tuple[str | None, dict | None]:
+    """(the checkpoint tag to resume from, its run_state) or (None, None) for a fresh run. With
+    overwrite_output_dir a fresh run first moves the previous run's files aside (rank 0), unless this job
+    is a requeue or restart of the job that wrote them."""
+    out = Path(cfg.output_dir)
+    root = out / "checkpoints"
+    tag = checkpoint.latest_complete(root) if cfg.resume or cfg.overwrite_output_dir else None
+    restored = checkpoint.read_run_state(root, tag) if tag else None
+    if cfg.overwrite_output_dir and not (cfg.resume and checkpoint.is_restart_of(restored)):
+        tag = restored = None
+        if rank == 0:
+            moved = checkpoint.move_aside(out)
+            if moved:
+                log.warning("overwrite_output_dir: the previous run's files in %s were moved to %s", out, moved)
+        ds.barrier()
+    elif cfg.overwrite_output_dir and rank == 0:
+        log.info("overwrite_output_dir: this job is a requeue of the one that wrote %s; resuming", root / tag)
+    return (tag, restored) if restored else (None, None)
+
+
 def run(cfg: TrainConfig, rank: int, world: int, callbacks: list[Callback] | None = None) -> dict:
     """Train on this rank; returns the held-out metrics before and after (identical on all ranks)."""
     seed_everything(cfg.seed)
     out = Path(cfg.output_dir)
+    resume_tag, restored = _start_or_resume(cfg, rank)
     tokenizer = load_tokenizer(cfg.model)
     data = prepare_data(cfg, tokenizer)
     grad_accum = cfg.check_world(world)
@@ -229,8 +265,6 @@ def run(cfg: TrainConfig, rank: int, world: int, callbacks: list[Callback] | Non
 
     callbacks = default_callbacks(cfg) if callbacks is None else list(callbacks)
     ckpt_root = out / "checkpoints"
-    resume_tag = checkpoint.latest_complete(ckpt_root) if cfg.resume and not cfg.overwrite_output_dir else None
-    restored = checkpoint.read_run_state(ckpt_root, resume_tag) if resume_tag else None
     for c in callbacks:
         if restored:
             c.load_state_dict(restored["callbacks"].get(c.name, {}))
@@ -242,6 +276,7 @@ def run(cfg: TrainConfig, rank: int, world: int, callbacks: list[Callback] | Non
     engine = ds.initialize(model, ds_config)
     state = RunState(cfg, engine, rank, world, None, total_steps, steps_per_epoch, callbacks=callbacks,
                      label_names=data.label_names)
+    state.run_id = (restored or {}).get("run_id") or ds.broadcast_object(checkpoint.new_run_id() if rank == 0 else None)
     if restored:
         checkpoint.restore(engine, ckpt_root, resume_tag, rank)
         state.step, state.epoch = restored["step"], restored["epoch"]
@@ -296,35 +331,41 @@ def run(cfg: TrainConfig, rank: int, world: int, callbacks: list[Callback] | Non
                 state.metrics.write(state.step, "train", values)
                 bar.set_postfix(loss=f"{values['loss']:.4f}")
                 window_t, window_tokens = time.perf_counter(), 0.0
-            if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < total_steps:
-                state.record_eval(held_out())
+            # the state tagged step k is the state after everything of step k: the step, then topology
+            # events, statistics and the preemption vote, then evaluation and the best checkpoint, then saves
             for c in state.callbacks:
                 c.on_step_end(state)
-            if cfg.save_every and state.step % cfg.save_every == 0 and state.step < total_steps:
-                state.save_checkpoint()
             if state.stop:
                 break
+            if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < total_steps:
+                state.record_eval(held_out())
+            if cfg.save_every and state.step % cfg.save_every == 0 and state.step < total_steps \
+                    and not state.saved_at_step():
+                state.save_checkpoint()
     bar.close()
 
-    finished = state.step == total_steps  # else stopped early (preemption): checkpoint first, no eval
-    if finished:
-        results["after"] = held_out()
+    if state.step < total_steps:  # stopped early (preemption): the checkpoint first, and nothing else
+        if not state.saved_at_step():
+            state.save_checkpoint(export=False)
+        _log_preempted(state)
+        state.metrics.close()
+        return {"steps": state.step, "best": state.best, "stopped": True,
+                "trainable": trainable_summary(state.engine.module)}
+    results["after"] = held_out()
     for c in state.callbacks:
         c.on_train_end(state)
-    if finished:
-        state.record_eval(results["after"])
-        if data.test is not None:
-            test = eval_loader(data.test, data.collator, cfg.micro_batch_size, rank, world)
-            results["test"] = evaluate(state.engine, test, cfg.task)
-            state.metrics.write(state.step, "test", results["test"])
+    state.record_eval(results["after"])
+    if data.test is not None:
+        test = eval_loader(data.test, data.collator, cfg.micro_batch_size, rank, world)
+        results["test"] = evaluate(state.engine, test, cfg.task)
+        state.metrics.write(state.step, "test", results["test"])
     if not state.saved_at_step():
         state.save_checkpoint()
-    if finished:
-        with ds.gathered_trainable(state.engine):
-            if rank == 0:
-                save_adapters(state.engine.module, out / "adapter")
-                if data.label_names:
-                    (out / "adapter" / "label_map.json").write_text(json.dumps(data.label_names) + "\n")
+    with ds.gathered_trainable(state.engine):
+        if rank == 0:
+            save_adapters(state.engine.module, out / "adapter")
+            if data.label_names:
+                (out / "adapter" / "label_map.json").write_text(json.dumps(data.label_names) + "\n")
     state.metrics.close()
     results["steps"] = state.step
     results["best"] = state.best

@@ -24,11 +24,9 @@ class StopAfter(Callback):
         self.step = step
 
     def on_step_end(self, state) -> None:
+        self.engine = state.engine  # what the run ends with (on_train_end is skipped by an early stop)
         if state.step == self.step:
             state.stop = True
-
-    def on_train_end(self, state) -> None:
-        self.engine = state.engine
 
 
 def main(config: str, stop_after: str, out: str, *overrides: str) -> None:

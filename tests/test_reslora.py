@@ -22,8 +22,8 @@ L = TINY_LAYERS
 VARIANTS = [("is", 1), ("bs", 1), ("bs", 2), ("ms", 1), ("ms", 2)]
 
 
-def build(family, variant, m=1, targets=None, r=4, alpha=8.0, merge_rule=None, seed=7):
-    model = make_model(family)
+def build(family, variant, m=1, targets=None, r=4, alpha=8.0, merge_rule=None, seed=7, dtype=torch.float32):
+    model = make_model(family).to(dtype)
     apply_adapters(model, AdapterConfig(method="reslora", r=r, alpha=alpha, targets=targets,
                                         reslora_variant=variant, pre_num=m, merge_rule=merge_rule))
     g = torch.Generator().manual_seed(seed)
@@ -211,65 +211,148 @@ def test_first_is_block_merges_exactly():
 # statistics
 # ----------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("family,variant,rule", [("bert", "ms", "middle"), ("gpt2", "is", "weights"),
-                                                 ("llama", "is", "inputs")])
-def test_statistics_are_window_means_of_the_norms(family, variant, rule):
-    model = build(family, variant, 1, ["q"], merge_rule=rule)
-    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
-    mods, proj = projections(model, "q")
-    res = [p.reslora_q for p in mods]
+def rms(parts):
+    """sqrt(sum_t ||v_t||^2 / T) over (vectors (b, t, d), mask (b, t)) pairs, in fp64: METHOD.md 9's f."""
+    sq = sum((v.double().pow(2).sum(-1) * w).sum().item() for v, w in parts)
+    return math.sqrt(sq / sum(w.sum().item() for _, w in parts))
+
+
+def mean_norm(parts):  # the old statistic, to check that a test tells the two apart
+    return sum((v.double().norm(dim=-1) * w).sum().item() for v, w in parts) / sum(w.sum().item() for _, w in parts)
+
+
+def spread_token_norms(mods):
+    """Pre-hooks scaling the projections' input tokens by 1e-2 .. 1e2 by position: very different norms."""
+    def hook(mod, args):
+        x = args[0]
+        scale = 10.0 ** (torch.arange(x.shape[-2], dtype=x.dtype) % 5 - 2)
+        return (x * scale[:, None],) + tuple(args[1:])
+    for p in mods:
+        p.register_forward_pre_hook(hook)
+
+
+def record_inputs(mods):
+    """Training-mode projection inputs per block, one list entry per forward (after the pre-hooks)."""
     xs = {}
     for i, p in enumerate(mods):
         p.register_forward_hook(lambda mod, a, o, i=i: xs.setdefault(i, []).append(a[0].detach())
                                 if mod.training else None)
+    return xs
+
+
+def middles(variant, res, xs, n):
+    """a_n of each forward, from the recorded inputs: A_n x_n (ms), A_n (x_n + x_{n-1}) (is)."""
+    A = res[n].lora_A.weight.detach()
+    return [((x + (xs[n - 1][j] if n else x)) if variant == "is" else x) @ A.T for j, x in enumerate(xs[n])]
+
+
+def summed_over_ranks(models):
+    """`reduce` for models[0]'s step: adds the other (simulated) ranks' accumulators, then clears them."""
+    others = [torch.stack([m.acc for _, m in reslora_modules(model)]) for model in models[1:]]
+    for model in models[1:]:
+        for _, m in reslora_modules(model):
+            m.acc = None
+    return lambda t: t + sum(others) if others else t
+
+
+@pytest.mark.parametrize("family,variant", [("llama", "ms"), ("bert", "is")])
+def test_statistics_do_not_depend_on_the_batch_split(family, variant):
+    """One global batch (padding in it) as 1 micro-batch, as 2 uneven ones, or on 2 simulated ranks whose
+    accumulators are summed: the same f = sqrt(sum_t ||x_t||^2 / T), equal to the one computed from the
+    projection inputs (fp64 model, so 1e-12 relative holds through the backbone's arithmetic)."""
+    ids = make_input_ids(batch=4, seq=6, seed=3)
+    mask = torch.ones_like(ids)
+    mask[1, 2:], mask[3, 4:] = 0, 0
+    results = []
+    for parts in ([[slice(0, 4)]], [[slice(0, 1), slice(1, 4)]], [[slice(0, 3)], [slice(3, 4)]]):
+        models = [build(family, variant, 1, ["q"], dtype=torch.float64).train() for _ in parts]
+        xs = []
+        for model, micro in zip(models, parts):
+            mods, _ = projections(model, "q")
+            spread_token_norms(mods)
+            xs.append(record_inputs(mods))
+            for rows in micro:
+                model(input_ids=ids[rows], attention_mask=mask[rows])
+        ResLoRAStats().step(models[0], reduce=summed_over_ranks(models))
+        results.append([m.stats for _, m in reslora_modules(models[0])])
+        if len(results) == 1:
+            one = xs[0]  # the single micro-batch's inputs
+        assert all(m.acc is None for model in models for _, m in reslora_modules(model))
+    res = [p.reslora_q for p in projections(models[0], "q")[0]]
+    for n in range(L):
+        want_x, want_a = rms([(one[n][0], mask)]), rms([(middles(variant, res, one, n)[0], mask)])
+        assert abs(mean_norm([(one[n][0], mask)]) / want_x - 1) > 0.1  # the old per-token mean differs
+        for stats in results:
+            assert stats[n][0] == pytest.approx(want_x, rel=1e-12, abs=0)
+            assert stats[n][1] == pytest.approx(want_a, rel=1e-12, abs=0)
+
+
+@pytest.mark.parametrize("family,variant,rule", [("bert", "ms", "middle"), ("gpt2", "is", "weights"),
+                                                 ("llama", "is", "inputs")])
+def test_statistics_are_window_rms_of_the_norms(family, variant, rule):
+    """Over the window: f = sqrt(sum of the steps' sum_t ||x_t||^2 / sum of their T), not a mean of
+    per-step values; weight: the mean of the per-step ||W + s B A||_F. Resuming continues it exactly."""
+    model = build(family, variant, 1, ["q"], merge_rule=rule)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    mods, proj = projections(model, "q")
+    res = [p.reslora_q for p in mods]
+    spread_token_norms(mods)
+    xs = record_inputs(mods)
     stats = ResLoRAStats(window=3)
     model.train()
-    expected_rows = []
+    steps = []  # per step and block: (input parts, middle parts, weight norm)
     for step in range(5):
         xs.clear()
-        for micro in range(2):  # two micro-batches per optimizer step, of different sizes
-            model(input_ids=make_input_ids(batch=2 + micro, seed=step * 10 + micro)).logits.sum().backward()
+        masks = []
+        for micro in range(2):  # two micro-batches per optimizer step, of different sizes, one padded
+            ids = make_input_ids(batch=2 + micro, seed=step * 10 + micro)
+            mask = torch.ones_like(ids)
+            mask[0, 5 - step % 3:] = micro
+            masks.append(mask)
+            model(input_ids=ids, attention_mask=mask).logits.sum().backward()
         with torch.no_grad():
             # evaluation and no-grad forwards record nothing
             model.eval()
             model(input_ids=make_input_ids(seed=99))
             model.train()
         rows = []
-        for n in range(L):  # per-token norms, averaged over every token of the step
-            tokens = sum(x.shape[0] * x.shape[1] for x in xs[n])
-            inp = sum(x.norm(dim=-1).sum().item() for x in xs[n]) / tokens
-            if variant == "ms":
-                mid = sum((x @ res[n].lora_A.weight.T).norm(dim=-1).sum().item() for x in xs[n]) / tokens
-            else:
-                mid = sum(((x + (xs[n - 1][j] if n else x)) @ res[n].lora_A.weight.T).norm(dim=-1).sum().item()
-                          for j, x in enumerate(xs[n])) / tokens
+        for n in range(L):
             W = mods[n].weight if isinstance(mods[n], nn.Linear) else mods[n].weight.T
             width = res[n].lora_B.weight.shape[0]
             W = W[proj.chunk * width:(proj.chunk + 1) * width]
             wn = (W + res[n].scaling * res[n].lora_B.weight @ res[n].lora_A.weight).norm().item()
-            rows.append((inp, mid, wn if variant == "is" else math.nan))
-        expected_rows.append(rows)
+            rows.append((list(zip(xs[n], masks)), list(zip(middles(variant, res, xs, n), masks)),
+                         wn if variant == "is" else math.nan))
+        steps.append(rows)
         stats.step(model)
     assert len(stats.window) == 3
     for n, mod in enumerate(res):
-        for k in range(3):
-            want = sum(expected_rows[s][n][k] for s in (2, 3, 4)) / 3
-            if math.isnan(want):
-                assert math.isnan(mod.stats[k])
-            else:
-                assert mod.stats[k] == pytest.approx(want, rel=1e-5)
+        last = [steps[s][n] for s in (2, 3, 4)]
+        want_x, want_a = rms(sum((r[0] for r in last), [])), rms(sum((r[1] for r in last), []))
+        assert abs(want_x / (sum(rms(r[0]) for r in last) / 3) - 1) > 1e-4  # not a mean of per-step values
+        assert mod.stats[0] == pytest.approx(want_x, rel=1e-5)
+        assert mod.stats[1] == pytest.approx(want_a, rel=1e-5)
+        want_w = sum(r[2] for r in last) / 3
+        assert math.isnan(mod.stats[2]) if math.isnan(want_w) else mod.stats[2] == pytest.approx(want_w, rel=1e-5)
     for name, p in model.named_parameters():  # statistics never touch a frozen weight
         if not p.requires_grad:
             assert torch.equal(p, frozen[name]), name
-    # JSON round trip (as in run_state.json), then pushed into a fresh model
+    # JSON round trip (as in run_state.json), pushed into a fresh model, then one more step on both
     state = json.loads(json.dumps(stats.state_dict()))
     again = ResLoRAStats(window=3)
     again.load_state_dict(state)
     fresh = build(family, variant, 1, ["q"], merge_rule=rule)
     again.push_to(fresh)
-    for a, b in zip(reslora_modules(model), reslora_modules(fresh)):
-        assert a[1].stats == b[1].stats or all(math.isnan(u) and math.isnan(v) or u == v
-                                               for u, v in zip(a[1].stats, b[1].stats))
+    model(input_ids=make_input_ids(seed=5)).logits.sum().backward()
+    accs = [m.acc.clone() for _, m in reslora_modules(model)]
+    for (_, m), acc in zip(reslora_modules(fresh), accs):
+        m.acc = acc
+    fresh.load_state_dict(model.state_dict())
+    stats.step(model)
+    again.step(fresh)
+    assert json.dumps(again.state_dict()) == json.dumps(stats.state_dict())
+    for (_, a), (_, b) in zip(reslora_modules(model), reslora_modules(fresh)):
+        assert all(math.isnan(u) and math.isnan(v) or u == v for u, v in zip(a.stats, b.stats))
 
 
 def test_statistics_leave_padding_out():
@@ -283,8 +366,15 @@ def test_statistics_leave_padding_out():
     model(input_ids=ids, attention_mask=mask)
     st = ResLoRAStats()
     st.step(model)
-    want = (xs[0].norm(dim=-1) * mask).sum().item() / mask.sum().item()
-    assert reslora_modules(model)[0][1].stats[0] == pytest.approx(want, rel=1e-6)
+    assert reslora_modules(model)[0][1].stats[0] == pytest.approx(rms([(xs[0], mask)]), rel=1e-6)
+
+
+def test_old_format_window_is_refused():
+    """A window of per-step means (3 per module, no "format") cannot be turned into sums: refused."""
+    names = [n for n, _ in reslora_modules(build("bert", "ms"))]
+    with pytest.raises(ValueError, match=r"old format.*per-step means.*cannot be converted"):
+        ResLoRAStats().load_state_dict({"names": names, "window": [[1.0, 2.0, math.nan] * len(names)]})
+    ResLoRAStats().load_state_dict({"names": [], "window": []})  # nothing recorded: nothing to convert
 
 
 def test_stats_files_round_trip(tmp_path):
@@ -467,6 +557,97 @@ def test_modules_are_resLoRA():
 
 
 # ----------------------------------------------------------------------------------------------------
+# bf16 and mixed dtypes
+# ----------------------------------------------------------------------------------------------------
+
+# bf16 keeps 8 significant bits (unit roundoff u = 2^-8 = 3.9e-3). Rounding the weights and the
+# activations of a 3-layer model to bf16 moves the output by a few u in relative Frobenius norm (the
+# roundings are independent and partly cancel; measured 1.5u-3u here): 2e-2 (about 5u) bounds it, while
+# the adapters change the last hidden state by more than 5x that (checked), so a dropped or mis-scaled
+# low-rank path fails.
+BF16_BOUND = 2e-2
+BF16, FP32 = torch.bfloat16, torch.float32
+DTYPE_CASES = [(f, v, base, ad) for f in ("llama", "bert") for v in ("is", "bs", "ms")
+               for base, ad in ((BF16, BF16), (BF16, FP32), (FP32, FP32))]
+
+
+def rel_diff(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def build_in(family, variant, base, adapter, like):
+    """`like` (fp32) loaded into a model in `base` dtype, whose ResLoRA weights are then cast to `adapter`."""
+    model = make_model(family).to(base)
+    apply_adapters(model, AdapterConfig(method="reslora", r=4, alpha=8.0, reslora_variant=variant,
+                                        pre_num=1 if variant == "is" else 2))
+    assert all(m.lora_A.weight.dtype == base for _, m in reslora_modules(model))  # its projection's dtype
+    for _, m in reslora_modules(model):
+        m.to(adapter)
+    model.load_state_dict(like.state_dict())
+    return model
+
+
+@pytest.mark.parametrize("family,variant,base,adapter", DTYPE_CASES,
+                         ids=[f"{f}-{v}-{str(b)[6:]}-{str(a)[6:]}" for f, v, b, a in DTYPE_CASES])
+def test_bf16_and_mixed_dtypes_match_fp32(family, variant, base, adapter):
+    ref = build(family, variant, 1 if variant == "is" else 2)
+    model = build_in(family, variant, base, adapter, ref)
+    for m in (ref, model):
+        _with_stats(m, [(1.0 + i, 2.0 + i, 3.0 + i) for i in range(2 * L)])
+    ids = make_input_ids(batch=3, seq=8)
+    mask = torch.ones_like(ids)
+    mask[0, -2:] = 0
+    bound = 1e-5 if base == adapter == FP32 else BF16_BOUND
+    with torch.no_grad():
+        want = ref(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        got = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        assert got.logits.dtype == base
+        plain = make_model(family)(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        assert rel_diff(plain.hidden_states[-1], want.hidden_states[-1]) > 5 * BF16_BOUND
+        assert rel_diff(got.logits, want.logits) < bound
+        assert rel_diff(got.hidden_states[-1], want.hidden_states[-1]) < bound
+        with merged_view(ref):
+            merged_want = ref(input_ids=ids, attention_mask=mask).logits
+        with merged_view(model):
+            merged_got = model(input_ids=ids, attention_mask=mask).logits
+        assert merged_got.dtype == base and rel_diff(merged_got, merged_want) < bound
+    # training: gradients in the adapter dtype; statistics in fp64, within the bound of fp32's
+    for m in (ref, model):
+        m.train()
+        m(input_ids=ids, attention_mask=mask).logits.float().pow(2).mean().backward()
+        assert all(mod.acc.dtype == torch.float64 for _, mod in reslora_modules(m))
+        ResLoRAStats().step(m)
+    for (_, a), (_, b) in zip(reslora_modules(ref), reslora_modules(model)):
+        for w in (b.lora_A.weight, b.lora_B.weight):
+            assert w.grad.dtype == adapter and bool(torch.isfinite(w.grad).all()) and w.grad.abs().max() > 0
+        assert b.stats == pytest.approx(a.stats, rel=bound, nan_ok=True)
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+@pytest.mark.parametrize("adapter", [BF16, FP32], ids=["bf16", "fp32"])
+def test_bs_merge_into_bf16(family, adapter):
+    ref = build(family, "bs", 2)
+    model = build_in(family, "bs", BF16, adapter, ref).eval()
+    ids = make_input_ids(batch=3, seq=8)
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        merged = merge_reslora(copy.deepcopy(model))
+        out = merged(input_ids=ids).logits
+    assert all(p.dtype == BF16 for p in merged.parameters()) and out.dtype == BF16
+    assert rel_diff(out, want) < BF16_BOUND
+    # W' is W + delta rounded once to bf16, delta computed in fp32: within half a bf16 ulp (2^-8 relative)
+    for t in ("q", "v"):
+        before, _ = projections(model, t)
+        after, _ = projections(merged, t)
+        res = [p.get_submodule(f"reslora_{t}") for p in before]
+        for n in range(L):
+            exact = before[n].weight.float() + res[n].scaling * sum(
+                res[k].lora_B.weight.float() @ res[k].lora_A.weight.float() for k in range(max(0, n - 2), n + 1))
+            err = (after[n].weight.float() - exact).abs()
+            assert bool((err <= 2.0 ** -8 * exact.abs() * (1 + 1e-3)).all()), (t, n, err.max())
+
+
+# ----------------------------------------------------------------------------------------------------
 # 2 ranks, CPU, through the CLI (slow; need `lor2c-assets`)
 # ----------------------------------------------------------------------------------------------------
 
@@ -493,11 +674,13 @@ def test_two_ranks_equal_one_rank_with_statistics_and_merge_report(tmp_path, tin
     one, two = ([r["loss"] for r in metrics(runs[n], "train")] for n in (1, 2))
     assert len(one) == len(two) == 4 and one[0] != one[-1]
     assert torch.allclose(torch.tensor(one), torch.tensor(two), rtol=0, atol=1e-5), (one, two)
-    # the statistics: a window of 4 steps, each the global (all-ranks) per-token mean
+    # the statistics: a window of 4 steps, each the global (all-ranks) sums per module of ||x_t||^2,
+    # ||a_t||^2 and the token count (then ||W + s B A||, NaN for ms)
     w1, w2 = (run_state(runs[n], "step_4")["callbacks"]["reslora"] for n in (1, 2))
     assert w1["names"] == w2["names"] and len(w1["window"]) == len(w2["window"]) == 4
     for a, b in zip(w1["window"], w2["window"]):
-        assert a[0::3] == pytest.approx(b[0::3], rel=1e-5) and a[1::3] == pytest.approx(b[1::3], rel=1e-5)
+        assert a[2::4] == b[2::4] and all(t > 0 for t in a[2::4])
+        assert a[0::4] == pytest.approx(b[0::4], rel=1e-5) and a[1::4] == pytest.approx(b[1::4], rel=1e-5)
     # the merge's error is reported at the end, for both ms rules, the configured one last
     r1, r2 = metrics(runs[1], "reslora_merge"), metrics(runs[2], "reslora_merge")
     assert [r["merge_rule"] for r in r1] == ["middle", "inputs"] and r1[-1]["configured"]
@@ -543,7 +726,7 @@ def test_weights_rule_under_zero3_and_statistics_resume(tmp_path, tiny_llama):
     assert len(a["window"]) == 4 and len(b["window"]) == 4  # two restored steps + two new
     flat_a, flat_b = sum(a["window"], []), sum(b["window"], [])
     assert flat_a == pytest.approx(flat_b, rel=1e-5)
-    weights = a["window"][-1][2::3]
+    weights = a["window"][-1][3::4]
     assert all(w > 0 and math.isfinite(w) for w in weights)
     rows = metrics(full, "reslora_merge")
     assert [r["merge_rule"] for r in rows] == ["inputs", "weights"]  # both rules, the configured one last

@@ -25,11 +25,13 @@ __all__ = [
 ]
 
 
-def apply_adapters(model: nn.Module, config: AdapterConfig) -> nn.Module:
+def apply_adapters(model: nn.Module, config: AdapterConfig, dtype: torch.dtype | None = None) -> nn.Module:
     """Freeze `model`, attach the adapters of `config` in place and return it.
 
     Trainable afterwards: the adapters and `modules_to_save` (by default the registry's task head,
-    where the model has one).
+    where the model has one). Each adapter is created on the device and in the dtype of the layer it
+    attaches to (a projection's weight; the blocks' for LoR2C), or in `dtype` when given (e.g.
+    torch.float32 adapters on a bf16 base); adapters compute in their own dtype either way.
     """
     if hasattr(model, "adapter_config"):
         raise ValueError("this model already has adapters; apply_adapters works on a plain model")
@@ -64,6 +66,7 @@ def apply_adapters(model: nn.Module, config: AdapterConfig) -> nn.Module:
                                                      config.alpha, config.dropout):
                         lora.active = False
 
+    _place_adapters(model, blocks, dtype)
     heads = config.modules_to_save if config.modules_to_save is not None else [
         h for h in spec.heads if hasattr(model, h)]
     for name in heads:
@@ -73,6 +76,18 @@ def apply_adapters(model: nn.Module, config: AdapterConfig) -> nn.Module:
             raise ConfigError(f"adapter.modules_to_save names {name!r}, which the model does not have") from None
     model.adapter_config = config
     return model
+
+
+def _place_adapters(model: nn.Module, blocks: nn.ModuleList, dtype: torch.dtype | None) -> None:
+    """Move each adapter to its layer's device, and to `dtype` or the layer's floating dtype."""
+    def place(module: nn.Module, like: torch.Tensor) -> None:
+        module.to(device=like.device, dtype=dtype or (like.dtype if like.is_floating_point() else None))
+
+    for name, module in model.named_modules():
+        if isinstance(module, (LoRA, ResLoRA)):  # a child of its projection
+            place(module, model.get_submodule(name.rpartition(".")[0]).weight)
+    if isinstance(getattr(model, "lor2c", None), LoR2CStack):
+        place(model.lor2c, next(p for p in blocks[0].parameters() if p.is_floating_point()))
 
 
 def _attach_lora_targets(block: nn.Module, spec, targets: list[str], r: int, alpha: float,

@@ -16,7 +16,8 @@ Routing: every block has a pre-hook that records its input when an adapter start
 that adds the deltas of the adapters ending there; the tables behind them follow the current
 topology (MergeLoR2C lengthens a span, InjectLoR2C retires one: see lor2c_ds/topology.py). Adapters
 are keyed by their first start block and keep their parameters when the topology changes. The
-recorded inputs live in one forward only: they are reset when the model's forward starts and must
+adapters run in their own dtype (`apply_adapters` gives them the blocks' dtype and device) and their
+sum is cast to the dtype of the block's output. The recorded inputs live in one forward only: they are reset when the model's forward starts and must
 all be consumed when it ends. transformers checkpoints a block's `forward`, not its `__call__`, so under activation
 checkpointing the hooks run once, outside the recomputed region (tests/test_adapters.py checks the
 gradients match).
@@ -50,6 +51,7 @@ class LoR2CAdapter(nn.Module):
         return self._shared[0] if hasattr(self, "_shared") else self.lora_A
 
     def forward(self, h_start: torch.Tensor) -> torch.Tensor:
+        h_start = h_start.to(self.lora_B.weight.dtype)  # the adapter's dtype; the caller casts back
         return self.lora_B(self.down(self.dropout(h_start))) * self.scaling
 
 
@@ -59,8 +61,8 @@ def _hidden_of(args, kwargs) -> torch.Tensor:
 
 def _add_to_output(output, delta: torch.Tensor):
     if isinstance(output, torch.Tensor):
-        return output + delta
-    return (output[0] + delta, *output[1:])  # blocks that return a tuple, hidden state first
+        return output + delta.to(output.dtype)
+    return (output[0] + delta.to(output[0].dtype), *output[1:])  # blocks that return a tuple, hidden state first
 
 
 class LoR2CStack(nn.Module):

@@ -8,6 +8,10 @@ exact no-op at step 0. Merged form: W' = W + s * B A.
 The frozen projection is left untouched: the adapter is a child module of it (`<proj>.lora_<target>`)
 and a forward hook adds its output, so backbone parameter names never change. For fused projections
 (GPT-2's c_attn holds q, k and v) the update lands on one output slice only.
+
+Dtypes: `apply_adapters` creates A and B in the dtype and on the device of the projection's weight. The
+low-rank path runs in the adapter's own dtype (x is cast to it) and its result is cast to the dtype of
+the output it is added to, so a bf16 base with fp32 adapters works as well as bf16 or fp32 throughout.
 """
 from __future__ import annotations
 
@@ -36,13 +40,14 @@ class LoRA(nn.Module):
         init_low_rank(self.lora_A, self.lora_B)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.lora_A.weight.dtype)
         return self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
 
     def add_to_output(self, proj: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
         """Forward hook on the frozen projection (a bound method, so deep copies rebind it)."""
         if not self.active:
             return None
-        delta = self(args[0])
+        delta = self(args[0]).to(output.dtype)
         if self.chunks > 1:
             width = delta.shape[-1]
             delta = F.pad(delta, (self.chunk * width, (self.chunks - self.chunk - 1) * width))

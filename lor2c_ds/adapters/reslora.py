@@ -12,16 +12,22 @@ Sums stop at layer 0. `is` applies one dropout to the sum x_n + x_{n-1} (as writ
 a_j carries the dropout mask of its own block. Nothing is detached: gradients reach x_{n-1}, A_{n-k}
 and B_{n-k} through the shortcuts. No parameters beyond LoRA's.
 
-Merged weights (Linear layout, d_out x d_in), with f the moving means of recorded norms:
+Merged weights (Linear layout, d_out x d_in), with f the statistics recorded over the last 100 steps:
 
     bs (exact):    W'_n = W_n + s sum_{k=0..m} B_{n-k} A_{n-k}
-    is, inputs:    W'_n = W_n + (1 + f_{n-1}/f_n) s B_n A_n,             f = mean ||x_n||   (f_{-1} := f_0)
-    is, weights:   W'_n = W_n + (1 + f_{n-2}/f_{n-1}) s B_n A_n,         f = ||W_n + s B_n A_n||_F
+    is, inputs:    W'_n = W_n + (1 + f_{n-1}/f_n) s B_n A_n,             f = f_x(n)   (f_{-1} := f_0)
+    is, weights:   W'_n = W_n + (1 + f_{n-2}/f_{n-1}) s B_n A_n,         f = mean ||W_n + s B_n A_n||_F
                    (the ratio is taken as 1 for the first two blocks)
-    ms, inputs:    W'_n = W_n + s B_n (A_n + sum_{k=1..m} (f_{n-k}/f_n) A_{n-k}),   f = mean ||x_n||
-    ms, middle:    W'_n = W_n + (1 + sum_{k=1..m} f_{n-k}/f_n) s B_n A_n,           f = mean ||a_n||
+    ms, inputs:    W'_n = W_n + s B_n (A_n + sum_{k=1..m} (f_{n-k}/f_n) A_{n-k}),   f = f_x(n)
+    ms, middle:    W'_n = W_n + (1 + sum_{k=1..m} f_{n-k}/f_n) s B_n A_n,           f = f_a(n)
 
-The mean norms are per token (see Statistics); only their ratios enter the merges.
+f_x and f_a are RMS token norms over every token t of the window (padding excluded):
+
+    f_x(n) = sqrt(sum_t ||x_{n,t}||^2 / T),    f_a(n) = sqrt(sum_t ||a_{n,t}||^2 / T)
+
+Only ratios enter the merges, and for one batch f_x(j) / f_x(n) = ||X_j||_F / ||X_n||_F, METHOD.md's
+ratio of Frobenius norms; f_a is the same RMS form of its "mean norm of A_n D(x_n)" (for `is`, a_n is
+A_n D(x_n + x_{n-1}); no rule uses it). The weight statistic is the mean of the per-step norms.
 
 Wiring: each block's module is a child of its projection (`<proj>.reslora_<target>`, weights under
 `lora_A` / `lora_B`) and adds its output through a forward hook (a bound method: deep copies rebind).
@@ -29,20 +35,24 @@ The modules of one target know each other through a `ResLoRAGroup`, a plain obje
 sub-module, so every weight is stored once. The group holds the current forward's x_n / a_n only:
 it is cleared by a model forward pre-hook and when layer 0 runs, and after the forward.
 
-Statistics: in training mode each module adds the per-token norms sum_t ||x_{n,t}||, sum_t ||a_{n,t}||
-and the token count (padding excluded, from the model's attention mask) into an on-device
-accumulator, once per model forward (no host sync). `ResLoRACallback` sums them over micro-batches
-and ranks once per optimizer step (one all-reduce of one flat tensor), keeps the per-step means of
-the last 100 steps, and hands the window means to the modules; it is saved in checkpoints as JSON.
-Per-token means (rather than the Frobenius norm of a whole micro-batch tensor) make the statistics
-independent of how a global batch is split into micro-batches and ranks, and of padding.
+Statistics: in training mode each module adds sum_t ||x_{n,t}||^2, sum_t ||a_{n,t}||^2 and the token
+count T (padding excluded, from the model's attention mask) into an fp64 on-device accumulator, once
+per model forward (no host sync). `ResLoRACallback` sums them over micro-batches and ranks once per
+optimizer step (one all-reduce of one flat tensor), keeps the per-step sums of the last 100 steps and
+hands the modules f = sqrt(sum of the window's sums of squares / sum of its T): plain sums, so f does
+not depend on how a global batch is split into micro-batches, ranks or steps, nor on padding. The
+window (sums, not f) is saved in checkpoints as JSON, so a resumed run continues it exactly.
+
+Dtypes: the adapter weights may differ from the backbone's (bf16 base, fp32 adapters): the low-rank
+path casts its input (and the shortcut tensors) to the adapter dtype and its result to the output's;
+statistics are taken in fp32 and summed in fp64; `merge_reslora` computes delta in fp32 and casts once.
 
 ||W_n + s B_n A_n|| is computed once per step for `is` (either rule), out of place: W is never
 written; under ZeRO-3 one projection's weight is gathered at a time.
 
 The merge error: `merge_report` runs held-out batches through the training-time graph and through
-`merged_view` (each block adds (W'_n - W_n) x_n, equal to the merged model up to fp32 rounding and
-usable on a ZeRO-3 partitioned backbone) and reports the logit difference and both metrics;
+`merged_view` (each block adds (W'_n - W_n) x_n, equal to the merged model up to rounding, bf16's in
+a bf16 model, and usable on a ZeRO-3 partitioned backbone) and reports the logit difference and both metrics;
 `ResLoRACallback.on_train_end` does it on all ranks for every rule of the variant.
 
 Activation checkpointing: the recomputed block forward would read x_{n-1} / a_{n-k} held from the
@@ -71,8 +81,11 @@ log = logging.getLogger(__name__)
 
 WINDOW = 100  # steps in the moving mean of the merge statistics
 STATS_NAME = "reslora_stats.json"
-# Per module and step: mean ||x_n||, mean ||a_n||, ||W_n + s B_n A_n|| (is only, else NaN).
+# What a module merges with (and reslora_stats.json holds): f_x, f_a, mean ||W_n + s B_n A_n|| (is, else NaN).
 STAT_FIELDS = ("input", "middle", "weight")
+# The window's rows, per module and step: sum_t ||x_t||^2, sum_t ||a_t||^2, T, ||W_n + s B_n A_n||.
+WINDOW_FIELDS = ("input_sumsq", "middle_sumsq", "tokens", "weight")
+WINDOW_FORMAT = "reslora-sums-v2"
 
 
 def _checkpointing(blocks) -> bool:
@@ -119,8 +132,8 @@ class ResLoRA(nn.Module):
         init_low_rank(self.lora_A, self.lora_B)
         self.group, self.index = group, index  # plain attributes, not sub-modules
         self.merge_rule = "exact"
-        self.stats: tuple[float, float, float] | None = None  # window means, set by the callback
-        self.acc: torch.Tensor | None = None  # (sum ||x_t||, sum ||a_t||, tokens) since the last step
+        self.stats: tuple[float, float, float] | None = None  # (f_x, f_a, weight), set by the callback
+        self.acc: torch.Tensor | None = None  # fp64 (sum ||x_t||^2, sum ||a_t||^2, T) since the last step
         self._recorded = -1
         self._merged_delta: torch.Tensor | None = None  # set inside `merged_view`
 
@@ -138,38 +151,41 @@ class ResLoRA(nn.Module):
         return [self.group.members[self.index - k] for k in range(1, m + 1) if self.index - k >= 0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The low-rank delta in the adapter weights' dtype (`add_to_output` casts it to the output's)."""
         if self._merged_delta is not None:
-            return F.linear(x, self._merged_delta.to(x.dtype))
+            return F.linear(x.to(self._merged_delta.dtype), self._merged_delta)
         group, n = self.group, self.index
         if n == 0:
             group.saved.clear()  # layer 0 starts a forward, whatever entry point was called
+        h = x.to(self.lora_A.weight.dtype)  # differentiable: gradients reach x (and x_{n-1} for is)
         if self.variant == "bs":
             blocks = [self, *self.earlier()]
-            a_all = F.linear(self.dropout(x), torch.cat([b.lora_A.weight for b in blocks]))
-            out = F.linear(a_all, torch.cat([b.lora_B.weight for b in blocks], dim=1))
+            a_all = F.linear(self.dropout(h), torch.cat([b.lora_A.weight.to(h.dtype) for b in blocks]))
+            out = F.linear(a_all, torch.cat([b.lora_B.weight.to(h.dtype) for b in blocks], dim=1))
             a = a_all[..., : self.r]
         elif self.variant == "is":
-            prev = x if n == 0 else self._saved(n - 1, x)
+            prev = h if n == 0 else self._saved(n - 1, h).to(h.dtype)
             group.saved.pop(n - 1, None)
-            group.saved[n] = x
-            a = self.lora_A(self.dropout(x + prev))
+            group.saved[n] = h
+            a = self.lora_A(self.dropout(h + prev))
             out = self.lora_B(a)
         else:  # ms
-            a = self.lora_A(self.dropout(x))
+            a = self.lora_A(self.dropout(h))
             mid = a
             for k in range(1, group.pre_num + 1):
                 if n - k >= 0:
-                    mid = mid + self._saved(n - k, a)
+                    mid = mid + self._saved(n - k, a).to(a.dtype)
             group.saved.pop(n - group.pre_num, None)
             group.saved[n] = a
             out = self.lora_B(mid)
         if self.training and torch.is_grad_enabled() and self._recorded != group.forward_id:
             self._recorded = group.forward_id
-            xn, an = x.detach().float().norm(dim=-1), a.detach().float().norm(dim=-1)
+            sq = [torch.linalg.vector_norm(t.detach(), dim=-1, dtype=torch.promote_types(t.dtype, torch.float32))
+                  .double().square() for t in (x, a)]  # per-token ||.||^2, in fp32 at least, summed in fp64
             mask = group.mask
-            w = mask.to(xn) if mask is not None and mask.shape == xn.shape else torch.ones_like(xn)
-            norms = torch.stack([(xn * w).sum(), (an * w).sum(), w.sum()]).double()
-            self.acc = norms if self.acc is None else self.acc + norms
+            w = mask.to(sq[0]) if mask is not None and mask.shape == sq[0].shape else torch.ones_like(sq[0])
+            sums = torch.stack([(sq[0] * w).sum(), (sq[1] * w).sum(), w.sum()])
+            self.acc = sums if self.acc is None else self.acc + sums
         return out * self.scaling
 
     def _saved(self, j: int, like: torch.Tensor) -> torch.Tensor:
@@ -184,7 +200,7 @@ class ResLoRA(nn.Module):
 
     def add_to_output(self, proj: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
         """Forward hook on the frozen projection."""
-        delta = self(args[0])
+        delta = self(args[0]).to(output.dtype)
         if self.chunks > 1:
             width = delta.shape[-1]
             delta = F.pad(delta, (self.chunk * width, (self.chunks - self.chunk - 1) * width))
@@ -204,12 +220,14 @@ class ResLoRA(nn.Module):
                                f"blocks {j}/{n} of target {self.group.target!r} is unusable ({num}, {den})")
         return num / den
 
-    def delta_weight(self) -> torch.Tensor:
-        """W'_n - W_n under this module's merge rule, shaped (d_out, d_in) like nn.Linear.weight."""
+    def delta_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """W'_n - W_n under this module's merge rule, shaped (d_out, d_in) like nn.Linear.weight,
+        computed in `dtype` (default: the adapter weights' dtype; the caller casts)."""
         n, s, rule = self.index, self.scaling, self.merge_rule
-        A, B = self.lora_A.weight, self.lora_B.weight
+        dtype = dtype or self.lora_A.weight.dtype
+        A, B = self.lora_A.weight.to(dtype), self.lora_B.weight.to(dtype)
         if self.variant == "bs":
-            return s * sum(b.lora_B.weight @ b.lora_A.weight for b in [self, *self.earlier()])
+            return s * sum(b.lora_B.weight.to(dtype) @ b.lora_A.weight.to(dtype) for b in [self, *self.earlier()])
         if self.variant == "is":
             if rule == "inputs":
                 factor = 1.0 + (1.0 if n == 0 else self._ratio(n - 1, n, 0))
@@ -217,7 +235,7 @@ class ResLoRA(nn.Module):
                 factor = 1.0 + (1.0 if n < 2 else self._ratio(n - 2, n - 1, 2))
             return factor * s * (B @ A)
         if rule == "inputs":
-            mixed = A + sum(self._ratio(b.index, n, 0) * b.lora_A.weight for b in self.earlier())
+            mixed = A + sum(self._ratio(b.index, n, 0) * b.lora_A.weight.to(dtype) for b in self.earlier())
             return s * (B @ mixed)
         factor = 1.0 + sum(self._ratio(b.index, n, 1) for b in self.earlier())  # middle
         return factor * s * (B @ A)
@@ -248,6 +266,7 @@ def attach_reslora(model: nn.Module, blocks, spec, config) -> list[ResLoRAGroup]
             d_in, d_out = dims[0]
             res = ResLoRA(d_in, d_out // proj.chunks, config.r, config.alpha, config.dropout,
                           proj.chunk, proj.chunks, group, i)
+            res.to(device=module.weight.device, dtype=module.weight.dtype)  # ZeRO-3: the partition's are right
             res.merge_rule = config.resolved_merge_rule
             group.members.append(res)
             module.add_module(f"reslora_{target}", res)
@@ -286,16 +305,18 @@ def merge_reslora(model: nn.Module) -> nn.Module:
     """Fold every ResLoRA block into its projection, in place (pass a copy to keep the original):
     W' = W + delta, then the modules and their hooks are removed. Returns the plain model."""
     mods = reslora_modules(model)
-    deltas = [m.delta_weight().detach().clone() for _, m in mods]  # all before any module is removed
-    for (name, m), delta in zip(mods, deltas):
-        parent_name, _, child = name.rpartition(".")
-        proj = model.get_submodule(parent_name)
+    parents = [model.get_submodule(name.rpartition(".")[0]) for name, _ in mods]
+    # all before any module is removed; in fp32 at least, added to W there and rounded once
+    deltas = [m.delta_weight(torch.promote_types(torch.promote_types(p.weight.dtype, m.lora_A.weight.dtype),
+                                                 torch.float32)).detach().clone() for p, (_, m) in zip(parents, mods)]
+    for (name, m), proj, delta in zip(mods, parents, deltas):
+        child = name.rpartition(".")[2]
         width = delta.shape[0]
         rows = slice(m.chunk * width, (m.chunk + 1) * width)
         if isinstance(proj, nn.Linear):
-            proj.weight[rows] += delta.to(proj.weight.dtype)
+            proj.weight[rows] = (proj.weight[rows].to(delta.dtype) + delta).to(proj.weight.dtype)
         else:  # Conv1D keeps (d_in, d_out)
-            proj.weight[:, rows] += delta.T.to(proj.weight.dtype)
+            proj.weight[:, rows] = (proj.weight[:, rows].to(delta.dtype) + delta.T).to(proj.weight.dtype)
         for key, fn in list(proj._forward_hooks.items()):
             if getattr(fn, "__self__", None) is m:
                 del proj._forward_hooks[key]
@@ -316,24 +337,41 @@ def merge_reslora(model: nn.Module) -> nn.Module:
 
 
 class ResLoRAStats:
-    """The 100-step window of per-step statistics, one row of len(STAT_FIELDS) per module."""
+    """The 100-step window of per-step sums: per step one row, len(WINDOW_FIELDS) values per module."""
 
     def __init__(self, window: int = WINDOW):
         self.window: deque[list[float]] = deque(maxlen=window)
         self.names: list[str] = []
 
     def state_dict(self) -> dict:
-        return {"names": self.names, "window": [list(row) for row in self.window]}
+        return {"format": WINDOW_FORMAT, "fields": list(WINDOW_FIELDS), "names": self.names,
+                "window": [list(row) for row in self.window]}
 
     def load_state_dict(self, state: dict) -> None:
-        self.names = list(state.get("names", []))
+        names, rows = list(state.get("names", [])), state.get("window", [])
+        if rows and state.get("format") != WINDOW_FORMAT:
+            raise ValueError(
+                f"ResLoRA statistics window in the old format {state.get('format', 'unversioned')!r} (per-step "
+                f"means of per-token norms, {len(STAT_FIELDS)} per module) cannot be converted exactly to "
+                f"{WINDOW_FORMAT!r} (per-step sums of squared norms and token counts): resume from a "
+                "checkpoint written by this version, or start the run afresh")
+        if any(len(row) != len(WINDOW_FIELDS) * len(names) for row in rows):
+            raise ValueError(f"ResLoRA statistics window: rows must hold {WINDOW_FIELDS} for each of "
+                             f"{len(names)} modules")
+        self.names = names
         self.window.clear()
-        self.window.extend(list(map(float, row)) for row in state.get("window", []))
+        self.window.extend(list(map(float, row)) for row in rows)
 
     def means(self) -> list[float] | None:
+        """Per module (f_x, f_a, mean weight norm) over the window, flattened."""
         if not self.window:
             return None
-        return [sum(col) / len(self.window) for col in zip(*self.window)]
+        col = [sum(c) for c in zip(*self.window)]
+        out = []
+        for i in range(0, len(col), len(WINDOW_FIELDS)):
+            sx, sa, tokens, weight = col[i:i + len(WINDOW_FIELDS)]
+            out += [math.sqrt(sx / tokens), math.sqrt(sa / tokens), weight / len(self.window)]
+        return out
 
     def push_to(self, model: nn.Module) -> None:
         mods = reslora_modules(model)
@@ -362,11 +400,10 @@ class ResLoRAStats:
         for _, m in mods:
             m.acc = None
         acc = reduce(acc)
-        count = acc[:, 2].clamp(min=1)
         weight = torch.full((len(mods),), float("nan"), dtype=torch.float64, device=device)
         if any(m.variant == "is" for _, m in mods):  # so both is rules can be evaluated
             weight = weight_norms(model, [m for _, m in mods], gather).to(device)
-        row = torch.stack([acc[:, 0] / count, acc[:, 1] / count, weight], dim=1)
+        row = torch.cat([acc, weight[:, None]], dim=1)  # WINDOW_FIELDS per module
         if bool((acc[:, 2] > 0).all()):  # one host sync per step
             self.window.append(row.flatten().tolist())
             self.push_to(model)

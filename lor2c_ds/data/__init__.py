@@ -26,7 +26,7 @@ _MARKS = ("_problem", "_truncated")
 
 @dataclass
 class PreparedData:
-    train: object  # a `datasets.Dataset`, or an `IterableDataset` when streaming
+    train: object  # a `datasets.Dataset`, or a `sources.Stream` when streaming
     eval: object
     test: object | None
     collator: Collator
@@ -99,13 +99,13 @@ def prepare_data(cfg: TrainConfig, tokenizer, all_ranks: bool = True) -> Prepare
             if ds is None:
                 prepared[name] = None
                 continue
+            if name == "train" and data.streaming:
+                prepared[name] = ds.encoded(encoder)  # encoded lazily, a rank its own rows; bad ones become filler
+                continue
             try:
                 encoded = _encode(ds, encoder)
             except DataError as e:
                 raise DataError(f"{name} split ({_path_of(data, name)}): {e}") from None
-            if name == "train" and data.streaming:
-                prepared[name] = encoded  # screened lazily: bad rows become counted filler rows
-                continue
             prepared[name], report[name] = _screen(encoded, ds, name, _path_of(data, name), data.on_bad_rows)
             if data.packing:
                 pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -5,14 +5,24 @@ global batches; rank r takes every world-th sample, so step k covers the same sa
 size and a resumed run continues the same order. The last global batch of an epoch is filled up with
 filler rows (`valid` = 0: they pass through the model but carry no loss), so no sample is dropped
 and none is repeated.
+
+Streaming (`StreamShard`): every rank reads all the training files and orders their rows the same way,
+so the split is exact by construction. Each epoch takes the files in an order drawn from (seed, epoch)
+and passes their rows through a seeded buffer of `shuffle_buffer` rows; in that global order, rank r
+takes rows r, r + world, r + 2 world, ... and tokenizes only those. Every rank yields ceil(rows / world)
+rows an epoch: a rank the epoch ends on before its turn gets a filler row, so ranks stay in step and
+each training row is trained on exactly once an epoch. Bad rows become filler rows and are counted.
 """
 from __future__ import annotations
 
 import itertools
 import math
+import random
 
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
+
+from .sources import DataError, Stream
 
 FILLER = -1  # a sampler index that stands for a filler row
 
@@ -89,29 +99,74 @@ def train_loader(ds, collate, micro_batch: int, global_batch: int, rank: int, wo
 
 
 class StreamShard(IterableDataset):
-    """This rank's share of a streamed split, epoch after epoch, without end: each rank reads its own
-    files (or, from a single file, every world-th row); each epoch is reshuffled in a seeded buffer.
-    Rows marked bad by the encoder become filler rows and are counted in `skipped`."""
+    """Rank `rank`'s rows of a streamed split, epoch after epoch, without end (see the module docstring).
+    `skip`: this rank's rows to pass over untokenized (a resumed run); `skipped`: bad rows met."""
 
     def __init__(self, stream, rank: int, world: int, seed: int, buffer: int):
-        from datasets.distributed import split_dataset_by_node
-
-        self.stream = split_dataset_by_node(stream, rank=rank, world_size=world).shuffle(seed=seed, buffer_size=buffer)
+        # a `Stream`, or any iterable of rows already encoded (one part, read in order)
+        self.stream = stream if isinstance(stream, Stream) else Stream([(stream, 0, None)])
+        self.rank, self.world, self.seed, self.buffer = rank, world, seed, max(buffer, 1)
         self.skip, self.skipped, self.filler = 0, 0, None
 
+    def epoch_rows(self, epoch: int):
+        """Epoch `epoch`'s raw rows in the order every rank sees: the files in a seeded order, then the buffer."""
+        rng = random.Random(f"{self.seed}/{epoch}")
+        files = list(range(len(self.stream.parts)))
+        rng.shuffle(files)
+        return _buffer_shuffle(self.stream.rows(files), self.buffer, rng)
+
+    def own_rows(self):
+        """This rank's raw rows, endless: one of each `world` consecutive rows; None where an epoch ends first."""
+        for epoch in itertools.count():
+            turns = 0
+            for turn in _groups(self.epoch_rows(epoch), self.world):
+                turns += 1
+                yield turn[self.rank] if self.rank < len(turn) else None
+            if not turns:
+                raise DataError("the streamed training split has no rows")
+
+    def filler_row(self) -> dict:
+        """The first good row in file order, marked `_valid` = 0: a real input that carries no loss."""
+        if self.filler is None:
+            rows = (self.stream.encode_row(raw) for raw in self.stream.rows())
+            self.filler = next((r for r in rows if not r.pop("_problem", "")), None)
+            if self.filler is None:
+                raise DataError("the streamed training split has no usable rows: every row is bad")
+            self.filler.pop("_truncated", None)
+        return dict(self.filler, _valid=0)
+
     def __iter__(self):
-        def rows():
-            for epoch in itertools.count():
-                self.stream.set_epoch(epoch)
-                yield from self.stream
-        for row in itertools.islice(rows(), self.skip, None):
-            if row.pop("_problem"):
+        for raw in itertools.islice(self.own_rows(), self.skip, None):
+            row = None if raw is None else self.stream.encode_row(raw)
+            if row is not None and row.pop("_problem", ""):
                 self.skipped += 1
-                yield dict(self.filler, _valid=0)
+                row = None
+            if row is None:
+                yield self.filler_row()
                 continue
             row.pop("_truncated", None)
-            self.filler = self.filler or row
             yield dict(row, _valid=1)
+
+
+def _buffer_shuffle(rows, size: int, rng: random.Random):
+    """`rows` reordered through a buffer of `size`: each new row replaces a random buffered row, which is yielded."""
+    buffer = []
+    for row in rows:
+        if len(buffer) < size:
+            buffer.append(row)
+            continue
+        i = rng.randrange(size)
+        yield buffer[i]
+        buffer[i] = row
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def _groups(rows, n: int):
+    """Consecutive lists of `n` rows (the last may be shorter)."""
+    rows = iter(rows)
+    while group := list(itertools.islice(rows, n)):
+        yield group
 
 
 def stream_loader(shard: StreamShard, collate, micro_batch: int) -> DataLoader:

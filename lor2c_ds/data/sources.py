@@ -3,10 +3,17 @@
 Everything goes through the `datasets` library: files are converted once into its Arrow cache and
 then memory-mapped (not loaded into RAM), and `streaming` reads a file lazily, row by row, so a
 corpus larger than memory works.
+
+A streamed training split is a `Stream`: one `datasets` stream a file (a glob's files sorted), each
+with the range of its rows that are trained on. The held-out rows (without data.eval_path) are the
+first `max_eval_examples` rows of the files in order, so they are cut off by file and row, never by a
+`datasets` skip that sharding could move; `max_train_examples` likewise ends a file's range.
+`loaders.StreamShard` orders these rows per epoch and gives each rank its share.
 """
 from __future__ import annotations
 
 import glob
+import itertools
 import json
 import logging
 from pathlib import Path
@@ -125,7 +132,7 @@ def require_columns(ds, columns: list[str], where: str) -> None:
 def load_splits(cfg: DataConfig, seed: int) -> dict:
     """{"train", "eval", "test"} rows (test may be None). The held-out split is data.eval_path, a
     saved DatasetDict's validation split, or a seeded `eval_fraction` of the training rows; when
-    streaming, it is the first `max_eval_examples` rows of the stream and training skips them."""
+    streaming, train is a `Stream` and the held-out split, without eval_path, its first `max_eval_examples` rows."""
     source = read(cfg.path, cfg, streaming=cfg.streaming)
     test = read(cfg.test_path, cfg) if cfg.test_path else None
     held_out = read(cfg.eval_path, cfg) if cfg.eval_path else None
@@ -140,21 +147,79 @@ def load_splits(cfg: DataConfig, seed: int) -> dict:
         if isinstance(split, datasets.DatasetDict):
             raise DataError(f"data.{name} is a saved DatasetDict; give a single split (a file or a saved Dataset)")
     train = source
-    if held_out is None:
-        if cfg.streaming:
-            if not cfg.max_eval_examples:
-                raise DataError("a streamed data.path needs data.eval_path or data.max_eval_examples "
-                                "(the first rows of the stream are held out)")
-            held_out = datasets.Dataset.from_list(list(source.take(cfg.max_eval_examples)))
-            train = source.skip(cfg.max_eval_examples)
-        else:
-            if len(source) < 2:
-                raise DataError(f"data file {cfg.path} has too few examples to hold some out")
-            split = source.train_test_split(test_size=cfg.eval_fraction, seed=seed)
-            train, held_out = split["train"], split["test"]
-    if cfg.max_train_examples:
-        train = train.take(cfg.max_train_examples) if cfg.streaming else \
-            train.select(range(min(cfg.max_train_examples, len(train))))
+    if cfg.streaming:
+        train, held_out = _stream_splits(cfg, source, held_out)
+    elif held_out is None:
+        if len(source) < 2:
+            raise DataError(f"data file {cfg.path} has too few examples to hold some out")
+        split = source.train_test_split(test_size=cfg.eval_fraction, seed=seed)
+        train, held_out = split["train"], split["test"]
+    if cfg.max_train_examples and not cfg.streaming:
+        train = train.select(range(min(cfg.max_train_examples, len(train))))
     if cfg.max_eval_examples:
         held_out = held_out.select(range(min(cfg.max_eval_examples, len(held_out))))
     return {"train": train, "eval": held_out, "test": test}
+
+
+class Stream:
+    """A streamed split's training rows, read lazily through `datasets`. `parts`: (one file's stream, its
+    first trained row, its end row or None); `encode` (a batched `Encoder`) makes model inputs of a row."""
+
+    column_names = None  # as for a `datasets` stream of unknown features: the first row tells
+
+    def __init__(self, parts: list[tuple], encode=None):
+        self.parts, self.encode = parts, encode
+
+    def encoded(self, encode) -> "Stream":
+        return Stream(self.parts, encode)
+
+    def rows(self, order=None):
+        """The raw rows, file after file in `order` (part indices; default: file order)."""
+        for i in range(len(self.parts)) if order is None else order:
+            ds, start, stop = self.parts[i]
+            yield from itertools.islice(ds, start, stop)
+
+    def encode_row(self, row: dict) -> dict:
+        if self.encode is None:
+            return dict(row)
+        out = self.encode({k: [v] for k, v in row.items()})
+        return {k: v[0] for k, v in out.items()}
+
+    def __iter__(self):
+        """Every training row in file order (encoded once an encoder is set)."""
+        return map(self.encode_row, self.rows())
+
+
+def _stream_splits(cfg: DataConfig, source, held_out) -> tuple[Stream, object]:
+    """(the training `Stream`, the held-out rows): without eval_path, the files' first `max_eval_examples`
+    rows in file order are held out and cut from the front of the training files."""
+    if isinstance(source, datasets.Dataset):  # a saved Dataset
+        files = [source.to_iterable_dataset()]
+    else:
+        files = [read(f, cfg, streaming=True) for f in _expand(cfg.path)]
+    want = 0
+    if held_out is None:
+        if not cfg.max_eval_examples:
+            raise DataError("a streamed data.path needs data.eval_path or data.max_eval_examples "
+                            "(the first rows of the stream are held out)")
+        want = cfg.max_eval_examples
+    rows, parts = [], []
+    for ds in files:
+        need = want - len(rows)
+        head = list(itertools.islice(ds, need))
+        rows += head
+        if not need or len(head) == need:  # else the whole file is held out
+            parts.append((ds, len(head), None))
+    if held_out is None:
+        held_out = datasets.Dataset.from_list(rows)
+    if cfg.max_train_examples:  # each file's range ends where the cap falls (rows counted once, here)
+        left, capped = cfg.max_train_examples, []
+        for ds, start, _ in parts:
+            n = sum(1 for _ in itertools.islice(ds, start, start + left)) if left else 0
+            capped.append((ds, start, start + n))
+            left -= n
+        parts = capped
+    parts = [p for p in parts if p[2] is None or p[2] > p[1]]
+    if not parts:
+        raise DataError(f"data.path {cfg.path} has no rows past the {len(rows)} held-out ones")
+    return Stream(parts), held_out
