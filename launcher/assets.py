@@ -20,11 +20,13 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"cache root (default: $LOR2C_DS_HOME or {default_home()})")
     parser.add_argument("--no-decoder", action="store_true",
                         help="skip the SmolLM2 decoder and the chitchat data")
+    parser.add_argument("--bf16", action="store_true",
+                        help="also write bf16 copies of the models (<name>-bf16), as hub checkpoints ship")
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        paths = prepare_assets(args.home, decoder=not args.no_decoder)
+        paths = prepare_assets(args.home, decoder=not args.no_decoder, bf16=args.bf16)
     except Exception as exc:  # one clear message, no traceback
         logger.debug("details", exc_info=True)
         print(f"lor2c-assets: error: {exc}", file=sys.stderr)

@@ -194,6 +194,21 @@ def _prepare_smollm2(target: Path) -> None:
             raise ValueError(f"saved checkpoint lacks some of {SMOLLM2_FILES}")
 
 
+def _prepare_bf16_copy(source: Path):
+    """A builder that saves the fp32 checkpoint at `source` in bf16, as hub checkpoints ship."""
+    def build(target: Path) -> None:
+        import torch
+        import transformers
+
+        heads = transformers.AutoConfig.from_pretrained(source).architectures or []
+        cls = getattr(transformers, heads[0]) if heads else transformers.AutoModel  # the same class: no new head
+        model = cls.from_pretrained(source, dtype=torch.bfloat16)
+        with _staged_dir(target) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            transformers.AutoTokenizer.from_pretrained(source).save_pretrained(tmp)
+    return build
+
+
 def _chitchat_conversations() -> list[list[str]]:
     """Each conversation as its turns (a turn joins one speaker's consecutive messages)."""
     folder = _ensure_package("chitchat_dataset", "chitchat-dataset==0.9.0")
@@ -225,12 +240,12 @@ def _prepare_chitchat_chat(target: Path) -> None:
                 out.write(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
 
 
-def prepare_assets(home: Path | None = None, decoder: bool = True) -> dict[str, Path]:
+def prepare_assets(home: Path | None = None, decoder: bool = True, bf16: bool = False) -> dict[str, Path]:
     """Build the offline cache under ``home`` (default: :func:`default_home`).
 
     Idempotent: complete targets are skipped. ``decoder=False`` skips SmolLM2 and
-    chitchat, but their paths are still returned. Raises RuntimeError naming the
-    asset that failed.
+    chitchat, but their paths are still returned. ``bf16=True`` also writes bf16 copies of the
+    models (``<name>-bf16``). Raises RuntimeError naming the asset that failed.
     """
     home = Path(home).expanduser() if home is not None else default_home()
     paths = {
@@ -250,6 +265,11 @@ def prepare_assets(home: Path | None = None, decoder: bool = True) -> dict[str, 
             ("chitchat", _prepare_chitchat, Path.is_file),
             ("chitchat_chat", _prepare_chitchat_chat, Path.is_file),
         ]
+    if bf16:
+        for name in ("minilm", "smollm2") if decoder else ("minilm",):
+            paths[f"{name}_bf16"] = paths[name].with_name(paths[name].name + "-bf16")
+            files = MINILM_FILES if name == "minilm" else SMOLLM2_FILES
+            steps.append((f"{name}_bf16", _prepare_bf16_copy(paths[name]), lambda p, f=files: _dir_complete(p, f)))
     for name, build, complete in steps:
         target = paths[name]
         if complete(target):

@@ -97,3 +97,31 @@ def test_adapters_follow_the_device_and_dtype_of_their_layer():
     assert all((d == torch.bfloat16) == (".layers.1." in n) for n, d in dtypes.items()), dtypes
     lor2c = apply_adapters(make_model("llama").to(torch.bfloat16), AdapterConfig(method="share_lor2c", r=4))
     assert {p.dtype for p in lor2c.lor2c.parameters()} == {torch.bfloat16}
+
+
+def test_lor2c_assets_writes_bf16_copies_of_the_models():
+    """`lor2c-assets --bf16` (what CI runs): each model again, saved in bf16 as hub checkpoints ship."""
+    import json
+    import os
+
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from lor2c_ds.assets import default_home
+
+    models = default_home() / "models"
+    if not (models / "SmolLM2-135M-Instruct-bf16").is_dir():
+        if os.environ.get("CI"):
+            raise AssertionError("CI runs lor2c-assets --bf16: the bf16 copies must be there")
+        pytest.skip("run lor2c-assets --bf16 first")
+    for name in ("all-MiniLM-L6-v2", "SmolLM2-135M-Instruct"):
+        path = models / f"{name}-bf16"
+        assert json.loads((path / "config.json").read_text())["dtype"] == "bfloat16"
+        with safe_open(str(path / "model.safetensors"), "pt") as f:
+            assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    ids = make_input_ids(seq=12) + 200  # SmolLM2's vocabulary
+    fp32 = AutoModelForCausalLM.from_pretrained(models / "SmolLM2-135M-Instruct")
+    bf16 = AutoModelForCausalLM.from_pretrained(models / "SmolLM2-135M-Instruct-bf16")
+    assert bf16.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert rel(bf16(input_ids=ids).logits, fp32(input_ids=ids).logits) < 0.1  # 30 blocks of bf16 rounding

@@ -200,9 +200,23 @@ def test_reexport_is_byte_identical_and_bf16(tmp_path):
     assert digests(tmp_path / "a") == first
     report = export(ckpt, base, tmp_path / "h", dtype="bf16", parity_batches=1)
     assert json.loads((tmp_path / "h" / "config.json").read_text())["dtype"] == "bfloat16"
-    assert report["parity"]["bound"] is None and report["parity"]["max_rel_diff"] < 0.05
+    parity = report["parity"]
+    assert parity["passed"] and 0 < parity["dtype_floor_rel_diff"] < parity["bound"] < 0.05, parity
     with safe_open(str(tmp_path / "h" / report["shards"][0]), "pt") as f:
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_half_precision_export_with_a_wrong_fold_fails(tmp_path, monkeypatch, dtype):
+    """The 16-bit bound is tight enough to catch a delta folded with the wrong scale."""
+    from lor2c_ds.adapters.lora import LoRA
+
+    base, ckpt, _ = fake_run(tmp_path, "llama", method="lora")
+    assert export(ckpt, base, tmp_path / "good", dtype=dtype, parity_batches=1)["parity"]["passed"]
+    right = LoRA.delta_weight
+    monkeypatch.setattr(LoRA, "delta_weight", lambda self, dtype=None: 0.7 * right(self, dtype))
+    with pytest.raises(ExportError, match="exact merge missed its bound"):
+        export(ckpt, base, tmp_path / "bad", dtype=dtype, parity_batches=1)
 
 
 def test_exact_merge_missing_its_bound_fails_and_writes_nothing(tmp_path, monkeypatch):

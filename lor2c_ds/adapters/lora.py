@@ -53,9 +53,10 @@ class LoRA(nn.Module):
             delta = F.pad(delta, (self.chunk * width, (self.chunks - self.chunk - 1) * width))
         return output + delta
 
-    def delta_weight(self) -> torch.Tensor:
-        """s * B A, shaped (d_out, d_in) like nn.Linear.weight."""
-        return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+    def delta_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """s * B A, shaped (d_out, d_in) like nn.Linear.weight, in `dtype` (default: the adapter's)."""
+        dtype = dtype or self.lora_A.weight.dtype
+        return (self.lora_B.weight.to(dtype) @ self.lora_A.weight.to(dtype)) * self.scaling
 
 
 def attach_lora(proj: nn.Module, target: str, lora: LoRA):

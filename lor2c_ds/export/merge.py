@@ -196,7 +196,7 @@ def _fold(weight: torch.Tensor, module: nn.Module, adapters: list[nn.Module]) ->
     conv1d = not isinstance(module, nn.Linear)
     with torch.no_grad():
         for a in adapters:
-            delta = a.delta_weight().float()
+            delta = a.delta_weight(torch.float32)  # B A in fp32 even from bf16 adapters: one rounding
             chunk, chunks = int(getattr(a, "chunk", 0)), int(getattr(a, "chunks", 1))
             rows = delta.shape[0]
             view = w.T if conv1d else w
