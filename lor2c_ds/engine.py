@@ -109,6 +109,28 @@ def zero3_loading(ds_config: dict):
         del keep_alive
 
 
+# A parameter attribute naming the optimizer group `initialize` puts it in (see `separate_optimizer_group`).
+_GROUP_ATTR = "lor2c_optimizer_group"
+
+
+def separate_optimizer_group(params, name: str) -> None:
+    """Have `initialize` put `params` in an optimizer parameter group of their own, `name`, so that
+    they get their own flat partition and Adam step count (see `reset_optimizer_state`). Call before
+    `initialize`, identically on every run that must load the same checkpoints. Only the grouping
+    differs: every group has the recipe's lr schedule, weight decay and betas, and clipping uses one
+    global norm."""
+    for p in params:
+        setattr(p, _GROUP_ATTR, name)
+
+
+def _param_groups(trainable: list) -> list[dict]:
+    """The untagged trainable parameters first (in module order), then one group per name."""
+    groups: dict[str | None, list] = {None: []}
+    for p in trainable:
+        groups.setdefault(getattr(p, _GROUP_ATTR, None), []).append(p)
+    return [{"params": params} for params in groups.values() if params]
+
+
 def initialize(model: torch.nn.Module, ds_config: dict):
     """Build the DeepSpeed engine over the trainable parameters only, then pin them whole."""
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -119,7 +141,7 @@ def initialize(model: torch.nn.Module, ds_config: dict):
         # match it. DeepSpeed keeps their fp32 master copies in the optimizer.
         for p in trainable:
             p.data = p.data.to(torch.bfloat16)
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=_param_groups(trainable), config=ds_config)
     _pin_trainable_whole(engine)
     return engine
 
@@ -225,18 +247,93 @@ def full_shape(param: torch.nn.Parameter) -> torch.Size:
     return param.ds_shape if hasattr(param, "ds_shape") else param.shape
 
 
-def overwrite_trainable(updates: dict) -> None:
-    """Set trainable parameters to new values wherever they live: the module's copy, DeepSpeed's fp32
-    master, and their Adam moments (reset to zero). Call on every rank with the same values."""
+def overwrite_trainable(engine, updates: dict) -> None:
+    """Set trainable parameters to new values in every copy DeepSpeed keeps of them, and zero their
+    Adam moments (the step count stays: see `reset_optimizer_state`). Call on every rank with the same
+    values.
+
+    The copies: the module's tensor (whole on every rank) and DeepSpeed's fp32 master (its partition);
+    under ZeRO-3 also each rank's partition of the module's tensor (`ds_tensor`, in the parameter's
+    dtype), from which DeepSpeed re-gathers the tensor whenever it releases it (while it records its
+    module trace, persistent parameters included). ZeRO-3 rewrites the partitions through
+    `GatheredParameters(modifier_rank=0)` on exit, which releases the tensors; they are pinned whole
+    again at once."""
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
-    for param, value in updates.items():
-        value = value.detach().float().to(param.device)
-        safe_set_full_fp32_param(param, value)
-        for key in ("exp_avg", "exp_avg_sq"):
-            safe_set_full_optimizer_state(param, torch.zeros_like(value), key)
-        with torch.no_grad():  # trainable parameters are whole on every rank (pinned under ZeRO-3)
-            param.data.copy_(value.to(param.dtype).view_as(param.data))
+    values = {p: v.detach().float().to(p.device).reshape(full_shape(p)) for p, v in updates.items()}
+    zero3 = [p for p in values if hasattr(p, "ds_id")]
+    with deepspeed.zero.GatheredParameters(zero3, modifier_rank=0):  # a no-op below ZeRO-3
+        with torch.no_grad():
+            for p, v in values.items():
+                p.data.copy_(v.to(p.dtype).view_as(p.data))
+    released = [p for p in zero3 if p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
+    if released:
+        released[0].all_gather(param_list=released)
+    stateless = _link_optimizer_state(engine)
+    for p, v in values.items():
+        safe_set_full_fp32_param(p, v)
+        if id(p) not in stateless:  # a tensor without optimizer state yet has zero moments already
+            for key in ("exp_avg", "exp_avg_sq"):
+                safe_set_full_optimizer_state(p, torch.zeros_like(v), key)
+
+
+def _flat_groups(engine) -> list[tuple[list, torch.Tensor]]:
+    """(module parameters, this rank's flat fp32 partition keying their optimizer state) per ZeRO
+    optimizer group (ZeRO-3 sub-group); empty without ZeRO."""
+    opt = engine.optimizer
+    if engine.zero_optimization_stage() == 3:
+        return list(zip(opt.fp16_groups, opt.fp32_partitioned_groups_flat))
+    if engine.zero_optimization_stage() in (1, 2):
+        return list(zip(opt.bit16_groups, opt.single_partition_of_fp32_groups))
+    return []
+
+
+def _link_optimizer_state(engine) -> set[int]:
+    """Under ZeRO-1/2, link every parameter to its slice of its group's optimizer state; returns the ids
+    of those whose group has no state yet (it has not stepped).
+
+    ZeRO-1/2 link the parameters once, right after the first group's first step, which leaves the other
+    groups' parameters unlinked (`safe_*_optimizer_state` then fail): link each group that has state
+    again (idempotent; DeepSpeed's own `lazy_init_hp_params_optimizer_state`). Other stages: nothing."""
+    from deepspeed.utils import lazy_init_hp_params_optimizer_state
+
+    if engine.zero_optimization_stage() not in (1, 2):
+        return set()
+    state = engine.optimizer.optimizer.state
+    stateless = set()
+    for params, flat in _flat_groups(engine):
+        if state.get(flat):
+            lazy_init_hp_params_optimizer_state(params, flat, state)
+        else:
+            stateless.update(id(p) for p in params)
+    return stateless
+
+
+def reset_optimizer_state(engine, params) -> None:
+    """Give `params` a fresh optimizer state: Adam moments zero and step count 0, so that their next
+    update is a first step's (bias correction from 1), as from a new `torch.optim.AdamW`.
+
+    DeepSpeed keeps one state, step count included, per flat group, so `params` must make up whole
+    groups (see `separate_optimizer_group`): raises ValueError when a group holding one of them holds
+    other tensors, or when one is in no group. Needs ZeRO 1-3 with the state in memory. Call on every
+    rank."""
+    if not engine.zero_optimization_stage() or getattr(engine.optimizer, "swap_optimizer", False):
+        raise NotImplementedError("resetting optimizer state needs ZeRO stage 1-3 with the state in memory")
+    wanted = {id(p) for p in params}
+    groups = [(group, flat) for group, flat in _flat_groups(engine) if any(id(p) in wanted for p in group)]
+    held = {id(p) for group, _ in groups for p in group}
+    if held != wanted:
+        raise ValueError(f"{len(held - wanted)} other tensor(s) share these parameters' optimizer group(s) and "
+                         f"{len(wanted - held)} of them are in none; give them their own group with "
+                         "separate_optimizer_group before initialize")
+    state = engine.optimizer.optimizer.state
+    for _, flat in groups:
+        group_state = state.get(flat, {})  # none yet: fresh already
+        for key, value in group_state.items():
+            if torch.is_tensor(value):
+                value.zero_()
+            elif isinstance(value, (int, float)):
+                group_state[key] = 0
 
 
 # --- Measurements for the benchmark (launcher/bench.py, launcher/bench_peft.py) ------------------

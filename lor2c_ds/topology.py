@@ -20,7 +20,9 @@ use exists from the start: a merge reuses the lower adapter's tensors; injected 
 switched off. A retired tensor is set to zero together with its Adam moments: it is out of the
 forward, gets no gradient, and AdamW keeps a zero with zero moments at zero, so it is never stepped
 again and nothing of it decays into the output. A switched-on LoRA gets fresh A (Kaiming), B = 0 and
-zero moments. Decisions are taken on rank 0 from the fp32 master weights and broadcast.
+a fresh Adam state (zero moments, step count 0): each block's injectable LoRA has an optimizer group of
+its own, since DeepSpeed keeps one step count per group. Decisions are taken on rank 0 from the fp32
+master weights and broadcast.
 """
 from __future__ import annotations
 
@@ -133,6 +135,8 @@ class TopologyCallback(Callback):
 
     def configure_model(self, model: nn.Module) -> nn.Module:
         self._model = model
+        for block, loras in self._injectable_by_block(model).items():  # before a restored layout switches some on
+            ds.separate_optimizer_group([p for lora in loras for p in lora.parameters()], f"inject_block_{block}")
         self._layout = get_layout(model)
         if self._restored_layout:
             set_layout(model, self._restored_layout)
@@ -147,7 +151,7 @@ class TopologyCallback(Callback):
 
     def on_step_end(self, run) -> None:
         if self._snapshots:  # reference quirks: frozen adapters return to their values after a step
-            ds.overwrite_trainable(self._snapshots)
+            ds.overwrite_trainable(run.engine, self._snapshots)
         due = self.schedule.due(run.step)
         if due or run.step % self.log_every == 0:
             scores = self.scores(run.engine.module)
@@ -188,8 +192,7 @@ class TopologyCallback(Callback):
         before = [[lower.start, lower.end], [upper.start, upper.end]]
         lower.end, upper.active = upper.end, False
         stack.route()
-        ds.overwrite_trainable({p: torch.zeros(ds.full_shape(p))
-                                for p in self._own_params(upper)})
+        ds.overwrite_trainable(run.engine, {p: torch.zeros(ds.full_shape(p)) for p in self._own_params(upper)})
         self.merges_done += 1
         if self.cfg.freeze_merged:
             self._freeze(run, [f"lor2c.adapters.{choice[0]}"], [lower])
@@ -216,7 +219,8 @@ class TopologyCallback(Callback):
             updates[lora.lora_A.weight] = a
             updates[lora.lora_B.weight] = torch.zeros(ds.full_shape(lora.lora_B.weight))
             lora.active = True
-        ds.overwrite_trainable(updates)
+        ds.overwrite_trainable(run.engine, updates)
+        ds.reset_optimizer_state(run.engine, [p for _, lora in loras for p in lora.parameters()])
         self.injections_done += 1
         if self.cfg.refreeze_injected:
             self.pending_refreeze.append({"step": run.step, "modules": [name for name, _ in loras]})
@@ -256,6 +260,17 @@ class TopologyCallback(Callback):
     def _own_params(module: nn.Module) -> list[nn.Parameter]:
         """The module's registered tensors: a shared A is not its own, so it stays in use."""
         return list(module.parameters())
+
+    @staticmethod
+    def _injectable_by_block(model: nn.Module) -> dict[int, list[LoRA]]:
+        """Each block's injectable LoRA (allocated switched off), by block index."""
+        from .registry import find_blocks, spec_for
+
+        if not hasattr(model, "lor2c"):
+            return {}
+        found = {i: [m for m in block.modules() if isinstance(m, LoRA) and not m.active]
+                 for i, block in enumerate(find_blocks(model, spec_for(model)))}
+        return {i: loras for i, loras in found.items() if loras}
 
     @staticmethod
     def _injectable(model: nn.Module, block: int) -> list[tuple[str, LoRA]]:
