@@ -202,10 +202,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if launched:
         return worker(cfg)
-    if per_node:  # this srun task starts the node's ranks
-        return spawn_local(cfg.nproc, argv, slurm_node_launcher_args())
-    if cfg.nproc > 1:
-        return spawn_local(cfg.nproc, argv)
+    if per_node or cfg.nproc > 1:  # per_node: this srun task starts the node's ranks
+        code = spawn_local(cfg.nproc, argv, slurm_node_launcher_args() if per_node else None)
+        # This process only waited for its ranks: leave without interpreter teardown, during which a
+        # library thread left by pre-flight crashed it once (SIGSEGV in libpython after a complete run).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code if code >= 0 else 128 - code)  # killed by signal N: 128 + N, as a shell reports it
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(free_port()))
     return worker(cfg)
