@@ -115,3 +115,6 @@ def test_bf16_checkpoint_train_preempt_resume_export_load_eval(tmp_path, case, b
     key = "perplexity" if family == "llama" else "accuracy"
     tol = 0.05 if report["exact_merge"] else 0.25  # bf16 training graph vs an fp32 evaluation of the export
     assert evaluated[key] == pytest.approx(final[key], rel=tol), (evaluated, final)
+    run(["launcher.eval", "--run", str(out), "--out", str(metrics_file)])  # the run's adapters on the bf16 base
+    of_run = json.loads(metrics_file.read_text())["eval"]
+    assert of_run[key] == pytest.approx(final[key], rel=0.05), (of_run, final)
