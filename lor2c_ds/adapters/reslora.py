@@ -266,7 +266,6 @@ def attach_reslora(model: nn.Module, blocks, spec, config) -> list[ResLoRAGroup]
             d_in, d_out = dims[0]
             res = ResLoRA(d_in, d_out // proj.chunks, config.r, config.alpha, config.dropout,
                           proj.chunk, proj.chunks, group, i)
-            res.to(device=module.weight.device, dtype=module.weight.dtype)  # ZeRO-3: the partition's are right
             res.merge_rule = config.resolved_merge_rule
             group.members.append(res)
             module.add_module(f"reslora_{target}", res)
