@@ -13,7 +13,9 @@ one adapter over both spans, starting from the lower one's weights and optimizer
 one is retired. Inject: the single-block adapter with the largest score (ties: lowest block) is
 retired and the q/v LoRA of rank r/2 of its block (B = 0) is switched on. Schedule (METHOD.md 8):
 after epoch k (1-based), a merge if k is a multiple of floor(E / 4 / M) + 1, then an injection if k
-is a multiple of floor(E / 4 / D) + 1, while budgets last; or every `event_every_steps` steps.
+is a multiple of floor(E / 4 / D) + 1, while budgets last (event_schedule: epochs); by default the
+events are spread over the first quarter of the optimizer steps (event_schedule: quarter), or come
+every `event_every_steps` steps.
 
 Under DeepSpeed the optimizer is built once over a fixed parameter set, so every tensor a layout can
 use exists from the start: a merge reuses the lower adapter's tensors; injected LoRA is allocated
@@ -71,24 +73,47 @@ def choose_injection(spans: dict[str, list], scores: dict[str, float]) -> str | 
 
 
 class EventSchedule:
-    """Which events fall on an optimizer step: the reference epoch formula or every N steps."""
+    """Which events fall on an optimizer step.
+
+    quarter (default): the k-th of M merges at step ceil(k Q / M), the k-th of D injections at
+    ceil(k Q / D), Q = floor(T / 4) of the T optimizer steps: every event in the first quarter at any
+    budget. epochs: the reference formula (METHOD.md 8), whose interval is one epoch whenever E < 4M,
+    so at short budgets its events leave the first quarter. event_every_steps=N: every N steps.
+    """
 
     def __init__(self, cfg: AdapterConfig, epochs: int, steps_per_epoch: int, total_steps: int):
         self.cfg, self.steps_per_epoch, self.total_steps = cfg, steps_per_epoch, total_steps
         self.epochs = max(1, epochs)
         self.merge_every = self.epochs // 4 // cfg.merges + 1 if cfg.merges else None
         self.inject_every = self.epochs // 4 // cfg.injections + 1 if cfg.injections else None
+        quarter = total_steps // 4
+        self.steps = {kind: [math.ceil(k * quarter / budget) for k in range(1, budget + 1)]
+                      for kind, budget in (("merge", cfg.merges), ("inject", cfg.injections)) if budget}
+
+    @property
+    def mode(self) -> str:
+        return "every_steps" if self.cfg.event_every_steps else self.cfg.event_schedule
 
     def last_event_step(self) -> int:
-        if self.cfg.event_every_steps:
+        if self.mode == "every_steps":
             return self.cfg.event_every_steps * max(self.cfg.merges, self.cfg.injections)
+        if self.mode == "quarter":
+            return max((s[-1] for s in self.steps.values()), default=0)
         return self.steps_per_epoch * max(self.merge_every * self.cfg.merges if self.cfg.merges else 0,
                                           self.inject_every * self.cfg.injections if self.cfg.injections else 0)
 
     def check(self) -> None:
         last = self.last_event_step()
+        if self.mode == "quarter":  # distinct steps >= 1 need a quarter of at least max(M, D) steps
+            budget = max(self.cfg.merges, self.cfg.injections)
+            if self.total_steps // 4 < budget:
+                raise ConfigError(f"the merge/inject schedule ({self.cfg.merges} merges, {self.cfg.injections} "
+                                  f"injections in the first quarter of training) needs at least {4 * budget} "
+                                  f"optimizer steps, but training has {self.total_steps}; lower the budgets, "
+                                  "set adapter.event_every_steps, or train longer")
+            return
         if last >= self.total_steps:
-            how = (f"every {self.cfg.event_every_steps} steps" if self.cfg.event_every_steps else
+            how = (f"every {self.cfg.event_every_steps} steps" if self.mode == "every_steps" else
                    f"after epochs that are multiples of {self.merge_every or '-'} (merges) / "
                    f"{self.inject_every or '-'} (injections)")
             raise ConfigError(f"the merge/inject schedule ({self.cfg.merges} merges, {self.cfg.injections} "
@@ -96,8 +121,10 @@ class EventSchedule:
                               f"{self.total_steps}; lower the budgets, set adapter.event_every_steps, or train longer")
 
     def due(self, step: int) -> list[str]:
-        if self.cfg.event_every_steps:
+        if self.mode == "every_steps":
             return ["merge", "inject"] if step % self.cfg.event_every_steps == 0 else []
+        if self.mode == "quarter":
+            return [kind for kind in ("merge", "inject") if step in self.steps.get(kind, ())]
         if step % self.steps_per_epoch:
             return []
         epoch = step // self.steps_per_epoch

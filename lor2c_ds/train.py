@@ -22,6 +22,8 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from . import checkpoint
 from . import engine as ds
 from .adapters import apply_adapters, save_adapters, trainable_summary
+from .adapters.config import ConfigError
+from .registry import find_blocks, spec_for
 from .callbacks import Callback
 from .preemption import PreemptionCallback
 from .config import TrainConfig, model_kind
@@ -39,14 +41,16 @@ def seed_everything(seed: int) -> None:
 
 def load_backbone(cfg: TrainConfig, ds_config: dict):
     """The pretrained model in the training precision (a bf16 checkpoint is upcast for fp32 training),
-    partitioned while it loads under ZeRO-3."""
+    partitioned while it loads under ZeRO-3. `model.newly_initialised` lists the modules whose weights
+    the checkpoint lacks (transformers initialised them at random), shortest names first."""
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
     with ds.zero3_loading(ds_config):
         if model_kind(cfg.task) == "classification":
-            model = AutoModelForSequenceClassification.from_pretrained(
-                cfg.model, num_labels=cfg.num_labels, dtype=dtype)
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                cfg.model, num_labels=cfg.num_labels, dtype=dtype, output_loading_info=True)
         else:
-            model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype)
+            model, info = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype, output_loading_info=True)
+    model.newly_initialised = whole_modules(model, info["missing_keys"])
     if model.config.pad_token_id is None:
         model.config.pad_token_id = model.config.eos_token_id
     if cfg.activation_checkpointing:  # recompute each block in backward; the adapter hooks stay outside
@@ -54,9 +58,43 @@ def load_backbone(cfg: TrainConfig, ds_config: dict):
     return model
 
 
+def whole_modules(model: torch.nn.Module, names) -> list[str]:
+    """The outermost modules all of whose parameters are among `names` (e.g. transformers' missing keys)."""
+    names = set(names)
+    found: list[str] = []
+    for prefix, module in model.named_modules():
+        params = [f"{prefix}.{n}" if prefix else n for n, _ in module.named_parameters()]
+        if prefix and params and all(p in names for p in params) and not any(
+                prefix.startswith(f"{f}.") for f in found):
+            found.append(prefix)
+    return found
+
+
 def load_model(cfg: TrainConfig, ds_config: dict):
-    """The backbone with the recipe's adapters attached."""
+    """The backbone with the recipe's adapters attached.
+
+    A module the checkpoint lacks (a classification head's pooler, say) is trained with the head, so
+    that the head never reads through frozen random weights; `adapter.modules_to_save` overrides."""
     model = load_backbone(cfg, ds_config)
+    heads = [h for h in spec_for(model).heads if hasattr(model, h)]
+    new = [m for m in model.newly_initialised if not any(m == h or m.startswith(f"{h}.") for h in heads)]
+    blocks = find_blocks(model, spec_for(model))
+    stack = next(name for name, module in model.named_modules() if module is blocks)
+    inside = [m for m in new if m.startswith(f"{stack}.")]
+    if inside:
+        raise ConfigError(f"model {cfg.model}: the checkpoint lacks weights of {inside[:3]} inside the block stack; "
+                          "it does not match its config")
+    if new:
+        size = sum(getattr(p, "ds_numel", 0) or p.numel() for m in new for p in model.get_submodule(m).parameters())
+        if cfg.adapter.modules_to_save is None:
+            cfg.adapter.modules_to_save = heads + new
+            log.info("%s not in the checkpoint (initialised at random): trained with the head, %s parameters; "
+                     "adapter.modules_to_save overrides", ", ".join(new), f"{size:,d}")
+        else:
+            frozen = [m for m in new if m not in cfg.adapter.modules_to_save]
+            if frozen:
+                log.warning("%s not in the checkpoint (initialised at random) and left frozen by "
+                            "adapter.modules_to_save", ", ".join(frozen))
     torch.manual_seed(cfg.seed)  # identical adapter initialisation on every rank
     return apply_adapters(model, cfg.adapter)
 

@@ -60,7 +60,7 @@ def test_injection_choice_largest_single_block():
 
 
 def test_reference_epoch_schedule():
-    cfg = AdapterConfig(merges=2, injections=1)
+    cfg = AdapterConfig(merges=2, injections=1, event_schedule="epochs")
     sched = EventSchedule(cfg, epochs=20, steps_per_epoch=10, total_steps=200)
     # merge_interval = floor(20/4/2)+1 = 3, inject_interval = floor(20/4/1)+1 = 6
     assert sched.merge_every == 3 and sched.inject_every == 6
@@ -69,6 +69,38 @@ def test_reference_epoch_schedule():
     sched.check()
     with pytest.raises(ConfigError, match="would fire at step 60, but training ends at step 50"):
         EventSchedule(cfg, epochs=20, steps_per_epoch=10, total_steps=50).check()
+
+
+@pytest.mark.parametrize("epochs,steps_per_epoch,merges,injections", [
+    (1, 12, 1, 1), (3, 113, 2, 2), (2, 10, 3, 1), (40, 50, 2, 3), (1, 8, 2, 2)])
+def test_quarter_schedule_keeps_every_event_in_the_first_quarter(epochs, steps_per_epoch, merges, injections):
+    """The default: each budget spread evenly over the first floor(T / 4) steps, at any budget; the
+    reference formula puts the topic task's events (E = 3, M = D = 2) after epochs 1 and 2."""
+    cfg = AdapterConfig(merges=merges, injections=injections, max_merge_length=8)
+    total = epochs * steps_per_epoch
+    sched = EventSchedule(cfg, epochs=epochs, steps_per_epoch=steps_per_epoch, total_steps=total)
+    sched.check()
+    fired = [(step, kind) for step in range(1, total + 1) for kind in sched.due(step)]
+    assert [k for _, k in fired].count("merge") == merges
+    assert [k for _, k in fired].count("inject") == injections
+    assert all(1 <= step <= total // 4 for step, _ in fired), fired
+    assert max(step for step, _ in fired) == total // 4  # the last of the larger budget ends the quarter
+    for kind, budget in (("merge", merges), ("inject", injections)):
+        steps = [s for s, k in fired if k == kind]
+        assert steps == [math.ceil(i * (total // 4) / budget) for i in range(1, budget + 1)]
+    if epochs == 3 and merges == 2:
+        ref = EventSchedule(AdapterConfig(merges=2, injections=2, event_schedule="epochs"), epochs=3,
+                            steps_per_epoch=113, total_steps=339)
+        assert [s for s in range(1, 340) if ref.due(s)][:2] == [113, 226]  # budgets end after two
+
+
+def test_quarter_schedule_too_short_is_refused():
+    cfg = AdapterConfig(merges=2, injections=3, max_merge_length=8)
+    EventSchedule(cfg, epochs=1, steps_per_epoch=12, total_steps=12).check()
+    with pytest.raises(ConfigError, match="needs at least 12 optimizer steps, but training has 11"):
+        EventSchedule(cfg, epochs=1, steps_per_epoch=11, total_steps=11).check()
+    with pytest.raises(ConfigError, match="adapter.event_schedule must be one of"):
+        AdapterConfig(event_schedule="halfway").validate()
 
 
 def test_step_schedule():

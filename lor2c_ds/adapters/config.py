@@ -7,6 +7,7 @@ from typing import Any
 
 METHODS = ("lora", "lor2c", "share_lor2c", "reslora")
 RESLORA_VARIANTS = ("is", "bs", "ms")
+EVENT_SCHEDULES = ("quarter", "epochs")  # MergeLoR2C / InjectLoR2C timing; see topology.EventSchedule
 # The merge rules each ResLoRA variant accepts; the first is its default.
 RESLORA_MERGE_RULES = {"is": ("inputs", "weights"), "bs": ("exact",), "ms": ("inputs", "middle")}
 
@@ -32,8 +33,10 @@ class AdapterConfig:
         (is: inputs | weights, ms: inputs | middle, bs: exact; None picks the first).
     merges, injections: MergeLoR2C / InjectLoR2C budgets M and D (both: IMLoR2C); lor2c methods only.
     max_merge_length: the most blocks a merged span may cover. sfs_k: score mode (None: mean of the
-        singular values of B A; k: share of the k largest). event_every_steps: events every N optimizer
-        steps instead of the reference epoch schedule. freeze_merged, refreeze_injected: the two
+        singular values of B A; k: share of the k largest). event_schedule: "quarter" spreads the events
+        over the first quarter of the optimizer steps; "epochs" is the reference epoch formula (whose
+        events leave the first quarter when epochs < 4 x budget). event_every_steps: events every N
+        optimizer steps instead of either. freeze_merged, refreeze_injected: the two
         reference-code quirks, for ablation only (see METHOD.md sections 5 and 6).
     """
 
@@ -53,6 +56,7 @@ class AdapterConfig:
     max_merge_length: int = 4
     sfs_k: int | None = None
     event_every_steps: int | None = None
+    event_schedule: str = "quarter"
     freeze_merged: bool = False
     refreeze_injected: bool = False
 
@@ -145,6 +149,9 @@ class AdapterConfig:
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ConfigError(f"adapter.{key} must be a non-negative integer, got {value!r}")
+        if self.event_schedule not in EVENT_SCHEDULES:
+            raise ConfigError(f"adapter.event_schedule must be one of {list(EVENT_SCHEDULES)}, "
+                              f"got {self.event_schedule!r}")
         if not (self.merges or self.injections):
             return
         if self.method not in ("lor2c", "share_lor2c"):
