@@ -197,13 +197,16 @@ def _fold(weight: torch.Tensor, module: nn.Module, adapters: list[nn.Module]) ->
     with torch.no_grad():
         for a in adapters:
             delta = a.delta_weight(torch.float32)  # B A in fp32 even from bf16 adapters: one rounding
-            chunk, chunks = int(getattr(a, "chunk", 0)), int(getattr(a, "chunks", 1))
-            rows = delta.shape[0]
+            part = getattr(a, "out_slice", None)
             view = w.T if conv1d else w
-            if view[chunk * rows:(chunk + 1) * rows].shape != delta.shape or rows * chunks != view.shape[0]:
+            rows, total = (delta.shape[0], delta.shape[0]) if part is None else (part.size, part.total)
+            if delta.shape != (rows, view.shape[1]) or total != view.shape[0]:
                 raise ExportError(f"delta of shape {tuple(delta.shape)} does not fit weight {tuple(w.shape)} "
-                                  f"(chunk {chunk} of {chunks})")
-            view[chunk * rows:(chunk + 1) * rows] += delta
+                                  f"(slice {part})")
+            if part is None:
+                view += delta
+            else:
+                part.add_(view, delta)
     return w
 
 
