@@ -181,9 +181,13 @@ def discover(model: nn.Module):
     """An ArchSpec read off `model`; DiscoveryError says what is missing."""
     from .registry import ArchSpec
 
-    config = getattr(model, "config", None)
-    if config is None or getattr(config, "hidden_size", None) is None:
-        raise DiscoveryError("no config with a hidden_size")
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):
+        raise DiscoveryError(f"{type(model).__name__} is not a transformers PreTrainedModel")
+    config = model.config
+    if getattr(config, "hidden_size", None) is None:
+        raise DiscoveryError("its config has no hidden_size")
     path = find_block_stack(model)
     blocks = model.get_submodule(path)
     projections = discover_projections(blocks, config)

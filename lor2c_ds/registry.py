@@ -141,3 +141,28 @@ def projection_dims(module: nn.Module) -> tuple[int, int]:
 
 def hidden_size(model: nn.Module) -> int:
     return int(model.config.hidden_size)
+
+
+def check_adaptable(model_config, task: str, adapter) -> ArchSpec:
+    """Pre-flight, without weights: build `model_config` on the meta device for `task` ("classification"
+    or "causal_lm") and check that `adapter` (an AdapterConfig) finds what it needs there."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    model_type = getattr(model_config, "model_type", None)
+    cls = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
+    try:
+        with torch.device("meta"):
+            model = cls.from_config(model_config)
+    except Exception as e:  # noqa: BLE001 - transformers raises several types for unknown classes
+        raise UnsupportedArchitectureError(unsupported_message(
+            model_type, f"transformers has no {cls.__name__[4:]} for it: {str(e).splitlines()[0]}")) from None
+    spec = spec_for(model)
+    if adapter.method in ("lora", "reslora"):
+        targets = adapter.targets or list(spec.default_targets)
+    else:
+        targets = ["q", "v"] if adapter.injections else []
+    error = unknown_targets(model_type, spec, targets, "ResLoRA" if adapter.method == "reslora" else "LoRA")
+    if error:
+        raise UnsupportedArchitectureError(error)
+    return spec

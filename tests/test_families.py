@@ -186,10 +186,9 @@ def test_plan_reads_the_family_config(tmp_path, family, capsys):
     path = tmp_path / "config.json"
     path.write_text(family_config(family).to_json_string())
     code = main(["--model-config", str(path), "--nodes", "1", "--gpus-per-node", "2", "--gpu-mem", "80",
-                 "--json"])
-    out = capsys.readouterr()
-    assert code == 0, out.err
-    plan = json.loads(out.out)
+                 "--json", str(tmp_path / "plan.json")])
+    assert code == 0, capsys.readouterr().err
+    plan = json.loads((tmp_path / "plan.json").read_text())
     assert plan["model"]["model_type"] == family
     assert plan["model"]["hidden_size"] == 32
 
@@ -209,17 +208,25 @@ def test_fused_split_that_cannot_be_derived_is_named():
 
 
 def test_a_model_without_block_stack_is_named():
-    from transformers import PretrainedConfig
+    from transformers import PretrainedConfig, PreTrainedModel
 
-    class Flat(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.config = PretrainedConfig(hidden_size=8)
-            self.config.model_type = "flat"
+    class FlatConfig(PretrainedConfig):
+        model_type = "flat"
+
+    class Flat(PreTrainedModel):
+        config_class = FlatConfig
+
+        def __init__(self, config):
+            super().__init__(config)
             self.proj = torch.nn.Linear(8, 8)
 
     with pytest.raises(UnsupportedArchitectureError, match=r"'flat' is not supported.*no block stack"):
-        spec_for(Flat())
+        spec_for(Flat(FlatConfig(hidden_size=8)))
+    with pytest.raises(UnsupportedArchitectureError, match=r"'t5' is not supported.*more than one block stack"):
+        from transformers import T5Config, T5ForConditionalGeneration
+
+        spec_for(T5ForConditionalGeneration(T5Config(vocab_size=100, d_model=16, d_kv=4, d_ff=32, num_layers=2,
+                                                     num_heads=4)))
 
 
 @pytest.mark.parametrize("family", ENCODERS)
