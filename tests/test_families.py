@@ -233,3 +233,25 @@ def test_a_model_without_block_stack_is_named():
 def test_encoder_heads_are_trained(family):
     model = apply_adapters(make_family(family), AdapterConfig(method="lor2c", r=4))
     assert all(p.requires_grad for p in model.classifier.parameters())
+
+
+@pytest.mark.parametrize("family,adapter,missing", [
+    ("mixtral", {"method": "lora", "r": 4, "targets": ["q", "up"]}, r"unknown LoRA target\(s\) \['up'\] for mixtral"),
+    ("deepseek_v3", {"method": "reslora", "r": 4, "targets": ["gate"]}, r"unknown ResLoRA target\(s\) \['gate'\] for deepseek_v3"),
+    ("t5", {"method": "lor2c", "r": 4}, r"model type 't5' is not supported.*more than one block stack"),
+])
+def test_train_refuses_before_any_rank_starts(tmp_path, capsys, family, adapter, missing):
+    from launcher.train import main
+
+    model = tmp_path / "model"
+    model.mkdir()
+    config = family_config(family) if family != "t5" else __import__("transformers").T5Config(d_model=16, num_layers=2)
+    (model / "config.json").write_text(config.to_json_string())
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(json.dumps({"model": str(model), "task": "classification" if family == "t5" else "causal_lm", "data": {"path": str(tmp_path / "none.csv")},
+                                  "adapter": adapter, "output_dir": str(tmp_path / "out"), "nproc": 2}))
+    assert main(["--config", str(recipe)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lor2c-train: error:") and "\n" not in err, err
+    assert __import__("re").search(missing, err), err
+    assert not (tmp_path / "out").exists()
