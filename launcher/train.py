@@ -43,15 +43,16 @@ def preflight(cfg) -> None:
     from lor2c_ds.evaluation import load_eval_sets, metric_names
     from lor2c_ds.train import load_tokenizer
     from lor2c_ds.engine import resolve_ds_config_path
-    from lor2c_ds.registry import ARCHITECTURES
+    from lor2c_ds.registry import UnsupportedArchitectureError, check_adaptable
 
     model_dir = Path(cfg.model)
     if not (model_dir / "config.json").is_file():
         raise ConfigError(f"model directory {model_dir} does not exist or has no config.json")
     model_config = AutoConfig.from_pretrained(model_dir)
-    if model_config.model_type not in ARCHITECTURES:
-        raise ConfigError(f"model type {model_config.model_type!r} is not supported; supported: "
-                          f"{sorted(ARCHITECTURES)} (lor2c_ds.register_architecture adds one)")
+    try:
+        check_adaptable(model_config, model_kind(cfg.task), cfg.adapter)  # block stack, targets, fused splits
+    except UnsupportedArchitectureError as e:
+        raise ConfigError(str(e)) from None
     heads = [a for a in (model_config.architectures or []) if a.endswith("ForSequenceClassification")]
     if heads and model_kind(cfg.task) == "classification" and model_config.num_labels != cfg.num_labels:
         raise ConfigError(f"model {model_dir} has a classification head of {model_config.num_labels} labels, "

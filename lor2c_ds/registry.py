@@ -9,6 +9,9 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from .discovery import WHAT_IS_LOOKED_FOR, DiscoveryError, discover
+from .fused import OutputSlice, equal_chunk
+
 
 class UnsupportedArchitectureError(ValueError):
     pass
@@ -17,11 +20,17 @@ class UnsupportedArchitectureError(ValueError):
 @dataclass(frozen=True)
 class Projection:
     """A projection inside a block: its dotted path, and for fused projections (GPT-2's c_attn)
-    which of `chunks` equal output slices the target is."""
+    which of `chunks` output parts the target is: equal contiguous parts, or `split` (unequal parts
+    under grouped-query attention, per-head interleaving; see lor2c_ds/fused.py)."""
 
     path: str
     chunk: int = 0
     chunks: int = 1
+    split: OutputSlice | None = None
+
+    def output_slice(self, d_out: int) -> OutputSlice | None:
+        """The target's rows of the projection's `d_out` output rows (None: all of them)."""
+        return self.split if self.split is not None else equal_chunk(self.chunk, self.chunks, d_out)
 
 
 @dataclass(frozen=True)
@@ -79,15 +88,33 @@ def register_architecture(model_type: str, spec: ArchSpec) -> None:
     ARCHITECTURES[model_type] = spec
 
 
+def unsupported_message(model_type, why: str) -> str:
+    return (f"model type {model_type!r} is not supported; supported: {sorted(ARCHITECTURES)} and the "
+            f"transformers models whose structure lor2c_ds can read ({why}; looked for a "
+            f"{WHAT_IS_LOOKED_FOR}). Register another with lor2c_ds.registry.register_architecture("
+            "model_type, ArchSpec(block_paths=..., projections=...))")
+
+
 def spec_for(model: nn.Module) -> ArchSpec:
+    """The registry entry of the model's type, else what discovery reads off its structure."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in ARCHITECTURES:
-        raise UnsupportedArchitectureError(
-            f"architecture {model_type!r} is not supported; supported model types: "
-            f"{', '.join(sorted(ARCHITECTURES))}. Register another with "
-            "lor2c_ds.registry.register_architecture(model_type, ArchSpec(block_paths=..., projections=...))"
-        )
-    return ARCHITECTURES[model_type]
+    if model_type in ARCHITECTURES:
+        return ARCHITECTURES[model_type]
+    try:
+        return discover(model)
+    except DiscoveryError as e:
+        raise UnsupportedArchitectureError(unsupported_message(model_type, str(e))) from None
+
+
+def unknown_targets(model_type, spec: ArchSpec, targets, method: str = "LoRA") -> str | None:
+    """The error for requested targets the model lacks (None when it has them all)."""
+    unknown = [t for t in targets if t not in spec.projections]
+    if not unknown:
+        return None
+    looked = f" (discovery looked for {WHAT_IS_LOOKED_FOR.split('projections: ')[1]})" \
+        if spec.extra.get("discovered") else ""
+    return (f"unknown {method} target(s) {unknown} for {model_type}; known: {sorted(spec.projections)}"
+            f"{looked}")
 
 
 def find_blocks(model: nn.Module, spec: ArchSpec) -> nn.ModuleList:
@@ -114,3 +141,28 @@ def projection_dims(module: nn.Module) -> tuple[int, int]:
 
 def hidden_size(model: nn.Module) -> int:
     return int(model.config.hidden_size)
+
+
+def check_adaptable(model_config, task: str, adapter) -> ArchSpec:
+    """Pre-flight, without weights: build `model_config` on the meta device for `task` ("classification"
+    or "causal_lm") and check that `adapter` (an AdapterConfig) finds what it needs there."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    model_type = getattr(model_config, "model_type", None)
+    cls = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
+    try:
+        with torch.device("meta"):
+            model = cls.from_config(model_config)
+    except Exception as e:  # noqa: BLE001 - transformers raises several types for unknown classes
+        raise UnsupportedArchitectureError(unsupported_message(
+            model_type, f"transformers has no {cls.__name__[4:]} for it: {str(e).splitlines()[0]}")) from None
+    spec = spec_for(model)
+    if adapter.method in ("lora", "reslora"):
+        targets = adapter.targets or list(spec.default_targets)
+    else:
+        targets = ["q", "v"] if adapter.injections else []
+    error = unknown_targets(model_type, spec, targets, "ResLoRA" if adapter.method == "reslora" else "LoRA")
+    if error:
+        raise UnsupportedArchitectureError(error)
+    return spec

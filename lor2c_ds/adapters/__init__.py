@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..registry import find_blocks, hidden_size, projection_dims, spec_for
+from ..registry import find_blocks, hidden_size, projection_dims, spec_for, unknown_targets
 from .config import METHODS, AdapterConfig, ConfigError
 from .lor2c import LoR2CAdapter, LoR2CStack
 from .lora import LoRA, attach_lora
@@ -43,10 +43,9 @@ def apply_adapters(model: nn.Module, config: AdapterConfig, dtype: torch.dtype |
 
     if config.method == "lora":
         targets = config.targets or list(spec.default_targets)
-        unknown = [t for t in targets if t not in spec.projections]
-        if unknown:
-            raise ConfigError(f"unknown LoRA target(s) {unknown} for {model.config.model_type}; "
-                              f"known: {sorted(spec.projections)}")
+        error = unknown_targets(model.config.model_type, spec, targets)
+        if error:
+            raise ConfigError(error)
         for block in blocks:
             _attach_lora_targets(block, spec, targets, config.r, config.alpha, config.dropout)
     elif config.method == "reslora":
@@ -97,7 +96,8 @@ def _attach_lora_targets(block: nn.Module, spec, targets: list[str], r: int, alp
         proj = spec.projections[target]
         module = block.get_submodule(proj.path)
         d_in, d_out = projection_dims(module)
-        lora = LoRA(d_in, d_out // proj.chunks, r, alpha, dropout, proj.chunk, proj.chunks)
+        part = proj.output_slice(d_out)
+        lora = LoRA(d_in, part.size if part else d_out, r, alpha, dropout, proj.chunk, proj.chunks, part)
         attach_lora(module, target, lora)
         attached.append(lora)
     return attached

@@ -18,8 +18,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from ..fused import OutputSlice, equal_chunk
 
 
 def init_low_rank(down: nn.Linear, up: nn.Linear) -> None:
@@ -29,10 +30,11 @@ def init_low_rank(down: nn.Linear, up: nn.Linear) -> None:
 
 class LoRA(nn.Module):
     def __init__(self, in_features: int, out_features: int, r: int, alpha: float, dropout: float = 0.0,
-                 chunk: int = 0, chunks: int = 1):
+                 chunk: int = 0, chunks: int = 1, out_slice: OutputSlice | None = None):
         super().__init__()
         self.r, self.scaling = r, alpha / r
-        self.chunk, self.chunks = chunk, chunks  # the output slice of a fused projection it updates
+        self.chunk, self.chunks = chunk, chunks  # the output part of a fused projection it updates
+        self.out_slice = out_slice or equal_chunk(chunk, chunks, chunks * out_features)
         self.active = True  # InjectLoR2C allocates its LoRA switched off
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.lora_A = nn.Linear(in_features, r, bias=False)
@@ -48,9 +50,8 @@ class LoRA(nn.Module):
         if not self.active:
             return None
         delta = self(args[0]).to(output.dtype)
-        if self.chunks > 1:
-            width = delta.shape[-1]
-            delta = F.pad(delta, (self.chunk * width, (self.chunks - self.chunk - 1) * width))
+        if self.out_slice is not None:
+            delta = self.out_slice.pad(delta)
         return output + delta
 
     def delta_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:

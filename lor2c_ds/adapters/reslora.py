@@ -73,7 +73,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..callbacks import Callback
-from ..registry import projection_dims
+from ..fused import OutputSlice, equal_chunk
+from ..registry import projection_dims, unknown_targets
 from .config import RESLORA_MERGE_RULES, ConfigError
 from .lora import init_low_rank
 
@@ -122,10 +123,11 @@ class ResLoRAGroup:
 
 class ResLoRA(nn.Module):
     def __init__(self, in_features: int, out_features: int, r: int, alpha: float, dropout: float,
-                 chunk: int, chunks: int, group: ResLoRAGroup, index: int):
+                 chunk: int, chunks: int, group: ResLoRAGroup, index: int, out_slice: OutputSlice | None = None):
         super().__init__()
         self.r, self.scaling = r, alpha / r
         self.chunk, self.chunks = chunk, chunks
+        self.out_slice = out_slice or equal_chunk(chunk, chunks, chunks * out_features)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.lora_A = nn.Linear(in_features, r, bias=False)
         self.lora_B = nn.Linear(r, out_features, bias=False)
@@ -201,9 +203,8 @@ class ResLoRA(nn.Module):
     def add_to_output(self, proj: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
         """Forward hook on the frozen projection."""
         delta = self(args[0]).to(output.dtype)
-        if self.chunks > 1:
-            width = delta.shape[-1]
-            delta = F.pad(delta, (self.chunk * width, (self.chunks - self.chunk - 1) * width))
+        if self.out_slice is not None:
+            delta = self.out_slice.pad(delta)
         return output + delta
 
     # ------------------------------------------------------------------ merging
@@ -244,10 +245,9 @@ class ResLoRA(nn.Module):
 def attach_reslora(model: nn.Module, blocks, spec, config) -> list[ResLoRAGroup]:
     """Attach one ResLoRA module per block and target; called by `apply_adapters`."""
     targets = config.targets or list(spec.default_targets)
-    unknown = [t for t in targets if t not in spec.projections]
-    if unknown:
-        raise ConfigError(f"unknown ResLoRA target(s) {unknown} for {model.config.model_type}; "
-                          f"known: {sorted(spec.projections)}")
+    error = unknown_targets(model.config.model_type, spec, targets, "ResLoRA")
+    if error:
+        raise ConfigError(error)
     if config.reslora_variant != "bs" and _checkpointing(blocks):
         raise ConfigError(f"adapter.reslora_variant={config.reslora_variant} cannot be combined with activation "
                           "checkpointing (enabled on this model); disable it or use reslora_variant=bs")
@@ -264,8 +264,9 @@ def attach_reslora(model: nn.Module, blocks, spec, config) -> list[ResLoRAGroup]
         model.register_forward_hook(group.end_forward, with_kwargs=True)
         for i, module in enumerate(modules):
             d_in, d_out = dims[0]
-            res = ResLoRA(d_in, d_out // proj.chunks, config.r, config.alpha, config.dropout,
-                          proj.chunk, proj.chunks, group, i)
+            part = proj.output_slice(d_out)
+            res = ResLoRA(d_in, part.size if part else d_out, config.r, config.alpha, config.dropout,
+                          proj.chunk, proj.chunks, group, i, part)
             res.merge_rule = config.resolved_merge_rule
             group.members.append(res)
             module.add_module(f"reslora_{target}", res)
@@ -310,12 +311,9 @@ def merge_reslora(model: nn.Module) -> nn.Module:
                                                  torch.float32)).detach().clone() for p, (_, m) in zip(parents, mods)]
     for (name, m), proj, delta in zip(mods, parents, deltas):
         child = name.rpartition(".")[2]
-        width = delta.shape[0]
-        rows = slice(m.chunk * width, (m.chunk + 1) * width)
-        if isinstance(proj, nn.Linear):
-            proj.weight[rows] = (proj.weight[rows].to(delta.dtype) + delta).to(proj.weight.dtype)
-        else:  # Conv1D keeps (d_in, d_out)
-            proj.weight[:, rows] = (proj.weight[:, rows].to(delta.dtype) + delta.T).to(proj.weight.dtype)
+        W = proj.weight if isinstance(proj, nn.Linear) else proj.weight.T  # Conv1D keeps (d_in, d_out)
+        merged = W.to(delta.dtype) + (delta if m.out_slice is None else m.out_slice.pad(delta.T).T)
+        W.copy_(merged.to(W.dtype))  # one rounding, in place (W may be the transposed view)
         for key, fn in list(proj._forward_hooks.items()):
             if getattr(fn, "__self__", None) is m:
                 del proj._forward_hooks[key]
@@ -419,8 +417,7 @@ def weight_norms(model: nn.Module, mods: list[ResLoRA], gather=None) -> torch.Te
         proj = parents[id(m)]
         with gather([proj.weight, m.lora_A.weight, m.lora_B.weight]):
             W = proj.weight if isinstance(proj, nn.Linear) else proj.weight.T
-            width = m.lora_B.weight.shape[0]
-            W = W[m.chunk * width:(m.chunk + 1) * width]
+            W = W if m.out_slice is None else m.out_slice.rows(W)
             merged = W.float() + m.scaling * (m.lora_B.weight.float() @ m.lora_A.weight.float())
             out.append(merged.norm().double())
     return torch.stack(out)

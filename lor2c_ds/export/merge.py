@@ -18,6 +18,7 @@ from ..adapters.config import ConfigError
 from ..config import model_kind
 from ..registry import UnsupportedArchitectureError
 from .load import SECTION, auto_class, model_config, parity
+from .portable import write_portable
 from .safetensors_io import INDEX_NAME, ExportError, _base_tensors, _parse_size, _read_tensor, _write_shard
 
 log = logging.getLogger(__name__)
@@ -104,8 +105,9 @@ def _task_of(adapter_state: dict, train_cfg, heads: tuple[str, ...]) -> tuple[st
         kind = model_kind(train_cfg.task)
         return kind, train_cfg.num_labels if kind == "classification" else None
     for head in heads:
-        if f"{head}.weight" in adapter_state:
-            return "classification", adapter_state[f"{head}.weight"].shape[0]
+        for key in (f"{head}.weight", f"{head}.out_proj.weight"):  # RoBERTa's head is dense + out_proj
+            if key in adapter_state:
+                return "classification", adapter_state[key].shape[0]
     return "causal_lm", None
 
 
@@ -197,13 +199,16 @@ def _fold(weight: torch.Tensor, module: nn.Module, adapters: list[nn.Module]) ->
     with torch.no_grad():
         for a in adapters:
             delta = a.delta_weight(torch.float32)  # B A in fp32 even from bf16 adapters: one rounding
-            chunk, chunks = int(getattr(a, "chunk", 0)), int(getattr(a, "chunks", 1))
-            rows = delta.shape[0]
+            part = getattr(a, "out_slice", None)
             view = w.T if conv1d else w
-            if view[chunk * rows:(chunk + 1) * rows].shape != delta.shape or rows * chunks != view.shape[0]:
+            rows, total = (delta.shape[0], delta.shape[0]) if part is None else (part.size, part.total)
+            if delta.shape != (rows, view.shape[1]) or total != view.shape[0]:
                 raise ExportError(f"delta of shape {tuple(delta.shape)} does not fit weight {tuple(w.shape)} "
-                                  f"(chunk {chunk} of {chunks})")
-            view[chunk * rows:(chunk + 1) * rows] += delta
+                                  f"(slice {part})")
+            if part is None:
+                view += delta
+            else:
+                part.add_(view, delta)
     return w
 
 
@@ -301,6 +306,16 @@ def _write_peft(plan: Plan, base: Path, target: Path) -> str | None:
     return None
 
 
+def _converted_base_tensors(base: Path, plan: Plan, keys: list[str]) -> dict[str, torch.Tensor]:
+    """Tensors the base checkpoint stores under other names or layouts (transformers converts them when
+    it loads: MoE experts saved one per file key, fused on load). Loads the base model once, in memory."""
+    log.info("%d tensors are stored converted in %s (e.g. %s): loading it through transformers",
+             len(keys), base, keys[0])
+    model = auto_class(plan.task).from_pretrained(base, config=plan.hf_config)
+    state = model.state_dict()
+    return {k: state[k].detach().clone() for k in keys if k in state}
+
+
 def check_out(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise ExportError(f"output {out} exists and is not a directory")
@@ -342,9 +357,12 @@ def export(checkpoint: str | os.PathLike, base: str | os.PathLike, out: str | os
             sources[key] = ("adapter", key)  # a trained head overrides the base's
         elif key in mapped:
             sources[key] = ("base", mapped[key])
-    for key in plan.backbone:
-        if key not in sources and not any(a in sources for a in aliases.get(key, ())):
+    lacking = [k for k in plan.backbone if k not in sources and not any(a in sources for a in aliases.get(k, ()))]
+    converted = _converted_base_tensors(base, plan, lacking) if lacking else {}
+    for key in lacking:
+        if key not in converted:
             raise ExportError(f"{key} is in neither the base checkpoint {base} nor the adapter weights")
+        sources[key] = ("converted", key)
     for key in plan.shortcut_keys:
         sources[key] = ("adapter", key)
     unused = sorted(set(base_tensors) - set(mapped.values()))
@@ -358,6 +376,8 @@ def export(checkpoint: str | os.PathLike, base: str | os.PathLike, out: str | os
     for key, (kind, src) in sources.items():
         if kind == "base":
             _, src_dtype, shape = base_tensors[src]
+        elif kind == "converted":
+            src_dtype, shape = converted[src].dtype, tuple(converted[src].shape)
         else:
             src_dtype, shape = plan.adapter_state[src].dtype, tuple(plan.adapter_state[src].shape)
             if kind == "adapter" and key in mapped:
@@ -371,8 +391,11 @@ def export(checkpoint: str | os.PathLike, base: str | os.PathLike, out: str | os
         if kind == "adapter":
             t = plan.adapter_state[src]
             return cast(t) if out_dtype or key not in mapped else t.to(base_tensors[mapped[key]][1])
-        file, src_dtype, _ = base_tensors[src]
-        t = _read_tensor(file, src)
+        if kind == "converted":
+            src_dtype, t = converted[src].dtype, converted[src]
+        else:
+            file, src_dtype, _ = base_tensors[src]
+            t = _read_tensor(file, src)
         if key in plan.folds:
             module = plan.model.get_submodule(key.rpartition(".")[0])
             t = _fold(t, module, plan.folds[key]).to(out_dtype or src_dtype)
@@ -404,6 +427,8 @@ def export(checkpoint: str | os.PathLike, base: str | os.PathLike, out: str | os
                  "weight_map": {k: n for n, shard in zip(names, shards) for k, _, _ in shard}}
         (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         _write_config(plan, tmp, out_dtype, base_dtype)
+        if plan.shortcut_keys:
+            write_portable(plan, tmp)  # modeling code + auto_map: loads without lor2c_ds
         _copy_side_files(base, tmp)
         (tmp / ADAPTER_SUBDIR).mkdir()
         for f in (CONFIG_NAME, WEIGHTS_NAME, *SIDE_FILES):

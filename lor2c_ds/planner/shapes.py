@@ -61,25 +61,28 @@ def load_facts(config: dict, work: Workload) -> ModelFacts:
     import torch
     from torch import nn
     from transformers import (
+        CONFIG_MAPPING,
         AutoConfig,
         AutoModelForCausalLM,
         AutoModelForSequenceClassification,
     )
 
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
     from ..adapters import LoR2CAdapter, LoRA, ResLoRA, apply_adapters
-    from ..registry import ARCHITECTURES, find_blocks, projection_dims, spec_for
+    from ..registry import find_blocks, projection_dims, spec_for
 
     config = dict(config)
     model_type = config.pop("model_type", None)
-    if model_type not in ARCHITECTURES:
-        raise PlanError(f"model_type {model_type!r} is not supported; supported: {', '.join(sorted(ARCHITECTURES))}")
+    if model_type not in CONFIG_MAPPING:
+        raise PlanError(f"model_type {model_type!r} is not supported: transformers has no such model type")
     for key in ("_name_or_path", "_model_name_or_path", "transformers_version", "architectures", "auto_map"):
         config.pop(key, None)
     try:
         cfg = AutoConfig.for_model(model_type, **config)
     except Exception as e:  # noqa: BLE001 - transformers raises several types for bad values
         raise PlanError(f"model config is not a valid {model_type} config: {e}") from None
-    encoder = model_type in ENCODER_FAMILIES
+    encoder = model_type in ENCODER_FAMILIES or model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     task = work.task or ("classification" if encoder else "causal_lm")
     if task == "classification":
         cfg.num_labels = work.num_labels
