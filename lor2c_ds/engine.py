@@ -198,6 +198,19 @@ def gathered(params):
         yield
 
 
+def local_partition(param) -> tuple[torch.Tensor, int] | None:
+    """(this rank's elements of the flattened `param`, the flat index of its first) for a ZeRO-3
+    partitioned parameter, padding left out; None when `param` is not partitioned here or its partition
+    is not readable in place (NVMe, quantized): the caller then reads it whole."""
+    part = getattr(param, "ds_tensor", None)
+    if not hasattr(param, "ds_id") or part is None or getattr(part, "final_location", None) is not None \
+            or hasattr(part, "ds_quant_scale"):
+        return None
+    start = part.ds_numel * dist.get_rank(group=param.ds_process_group)
+    count = max(0, min(part.ds_numel, param.ds_numel - start))
+    return part.narrow(0, 0, count), start
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor

@@ -116,6 +116,7 @@ class RunState:
     best: dict | None = None  # {"metric", "value", "step", "tag"} of the best evaluation so far
     last_saved_step: int | None = None
     run_id: str = ""  # kept across resumes; retention only deletes this run's checkpoints
+    data: "PreparedData | None" = None  # the prepared splits, for callbacks that evaluate (prepared once)
 
     @property
     def output_dir(self) -> Path:
@@ -202,7 +203,7 @@ def default_callbacks(cfg: TrainConfig) -> list[Callback]:
     """The callbacks a recipe implies: each feature that acts during training adds its own here."""
     callbacks: list[Callback] = [PreemptionCallback()]  # stop all ranks together on SIGUSR1/SIGTERM
     if cfg.adapter.method == "reslora":
-        from .adapters.reslora import ResLoRACallback
+        from .reslora_training import ResLoRACallback
         callbacks.append(ResLoRACallback())  # merge statistics, merge error at the end
     from .topology import topology_callbacks
 
@@ -275,7 +276,7 @@ def run(cfg: TrainConfig, rank: int, world: int, callbacks: list[Callback] | Non
         model = c.configure_model(model)
     engine = ds.initialize(model, ds_config)
     state = RunState(cfg, engine, rank, world, None, total_steps, steps_per_epoch, callbacks=callbacks,
-                     label_names=data.label_names)
+                     label_names=data.label_names, data=data)
     state.run_id = (restored or {}).get("run_id") or ds.broadcast_object(checkpoint.new_run_id() if rank == 0 else None)
     if restored:
         checkpoint.restore(engine, ckpt_root, resume_tag, rank)

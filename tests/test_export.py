@@ -128,7 +128,8 @@ def test_injected_lora_is_folded(tmp_path, injected):
 
 
 def test_reslora_approximate_merge_reports_its_error(tmp_path):
-    from lor2c_ds.adapters.reslora import reslora_modules, save_reslora_stats
+    from lor2c_ds.adapters.reslora import reslora_modules
+    from lor2c_ds.reslora_training import save_reslora_stats
 
     base, ckpt, model = fake_run(tmp_path, "llama", method="reslora", reslora_variant="is")
     for i, (_, m) in enumerate(reslora_modules(model)):

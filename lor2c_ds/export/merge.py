@@ -94,7 +94,7 @@ def _load_side_state(model: nn.Module, adapter_dir: Path) -> None:
     has_window = (adapter_dir / "run_state.json").is_file() and "reslora" in json.loads(
         (adapter_dir / "run_state.json").read_text()).get("callbacks", {})
     if (adapter_dir / "reslora_stats.json").is_file() or has_window:
-        from ..adapters.reslora import load_reslora_stats
+        from ..reslora_training import load_reslora_stats
 
         load_reslora_stats(model, adapter_dir)
 
