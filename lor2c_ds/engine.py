@@ -88,6 +88,31 @@ def build_ds_config(cfg: TrainConfig, world_size: int, total_steps: int) -> dict
             "warmup_num_steps": max(1, int(cfg.warmup_ratio * total_steps)), "warmup_type": "linear"}},
     })
     ds.setdefault("steps_per_print", 10**9)  # the recipe logs; keep DeepSpeed's own step log quiet
+    return resolve_auto_knobs(ds)
+
+
+def gpus_per_node() -> int:
+    """Ranks on this node: LOCAL_WORLD_SIZE (torchrun, and the SLURM launch sets it), else SLURM's tasks per node."""
+    for key in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE"):
+        value = os.environ.get(key, "").split("(")[0].split(",")[0]
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return 1
+
+
+def resolve_auto_knobs(ds: dict) -> dict:
+    """The ZeRO knobs that ds_configs/ set to "auto" (ds_configs/README.md): overlap_comm and the offload
+    pin_memory on with CUDA (side streams, page-locked copies) and off on CPU; zero_hpz_partition_size
+    the node's rank count, so the secondary partition stays inside a node. Returns `ds`, edited."""
+    zero = ds.get("zero_optimization", {})
+    cuda = torch.cuda.is_available()
+    if zero.get("overlap_comm") == "auto":
+        zero["overlap_comm"] = cuda
+    for key in ("offload_optimizer", "offload_param"):
+        if isinstance(zero.get(key), dict) and zero[key].get("pin_memory") == "auto":
+            zero[key]["pin_memory"] = cuda
+    if zero.get("zero_hpz_partition_size") == "auto":
+        zero["zero_hpz_partition_size"] = gpus_per_node()
     return ds
 
 
