@@ -441,19 +441,9 @@ def export(checkpoint: str | os.PathLike, base: str | os.PathLike, out: str | os
     return report
 
 
-def export_run_checkpoint(cfg, tag_dir: Path, rank: int) -> None:
-    """Training's merge-on-save: rank 0 exports `tag_dir` to output_dir/export (replacing the previous
-    one) while the other ranks wait; a failure is raised on rank 0 after the barrier."""
-    import torch.distributed as dist
+def export_run_checkpoint(cfg, tag_dir: Path, rank: int):
+    """Training's merge-on-save: rank 0 starts the export of `tag_dir` to output_dir/export in a process of
+    its own and every rank goes on (lor2c_ds/export/background.py says why)."""
+    from .background import start
 
-    error = None
-    if rank == 0:
-        try:
-            export(tag_dir, cfg.model, Path(cfg.output_dir) / "export", dtype=cfg.export_dtype, overwrite=True,
-                   train_config=cfg)
-        except Exception as e:  # noqa: BLE001 - re-raised below, once every rank is past the barrier
-            error = e
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-    if error is not None:
-        raise error
+    return start(cfg, tag_dir, rank)
