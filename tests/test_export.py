@@ -276,7 +276,10 @@ def test_export_from_the_training_config(tmp_path, capsys):
     assert report["checkpoint"].endswith("step_2") and report["parity"]["passed"]
     assert report["parity"]["source"].startswith("synthetic")
     cfg = load_config(recipe, ["export_dtype=bf16"])
-    export_run_checkpoint(cfg, run / "checkpoints" / "step_2", rank=0)  # replaces the previous export
+    # replaces the previous export, in a process of its own (nothing is started on other ranks)
+    assert export_run_checkpoint(cfg, run / "checkpoints" / "step_2", rank=1) is None
+    assert export_run_checkpoint(cfg, run / "checkpoints" / "step_2", rank=0).wait(timeout=600) == 0
+    assert not (run / "export_staging" / "step_2").exists()
     assert json.loads((run / "export" / "config.json").read_text())["dtype"] == "bfloat16"
     assert export_main(["--checkpoint", str(run / "checkpoints" / "step_3"), "--base", str(base),
                         "--out", str(tmp_path / "x")]) == 2

@@ -29,8 +29,9 @@ def _step(tag: str) -> int:
     return int(tag.rsplit("_", 1)[-1]) if tag.rsplit("_", 1)[-1].isdigit() else -1
 
 
-def start(cfg, tag_dir: Path, rank: int) -> subprocess.Popen | None:
-    """On rank 0: stage `tag_dir` and start its export; returns the process (other ranks: None)."""
+def export_run_checkpoint(cfg, tag_dir: Path, rank: int) -> subprocess.Popen | None:
+    """Training's merge-on-save. On rank 0: stage `tag_dir` and start its export to output_dir/export in a
+    process of its own; returns the process (other ranks: None). No rank waits for it."""
     if rank != 0:
         return None
     out = Path(cfg.output_dir)
@@ -50,7 +51,7 @@ def start(cfg, tag_dir: Path, rank: int) -> subprocess.Popen | None:
 
 
 def main(stage: str, tag: str, base: str, out: str, dtype: str) -> int:
-    from .merge import export, find_train_config
+    from .merge import export, find_train_config  # here: this module is imported by the package
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     stage_dir, tag_dir, out_dir = Path(stage), Path(tag), Path(out)
@@ -61,8 +62,8 @@ def main(stage: str, tag: str, base: str, out: str, dtype: str) -> int:
             report_path = out_dir / "export_report.json"
             if report_path.is_file():
                 done = json.loads(report_path.read_text()).get("checkpoint", "")
-                if _step(Path(done).name) >= _step(tag_dir.name):
-                    log.info("%s already holds %s, not older than %s: left as it is", out_dir, done, tag_dir.name)
+                if _step(Path(done).name) > _step(tag_dir.name):
+                    log.info("%s already holds %s, newer than %s: left as it is", out_dir, done, tag_dir.name)
                     return 0
             train_cfg = find_train_config(run_dir)
             report = export(stage_dir, base, out_dir, dtype=dtype or None, overwrite=True, train_config=train_cfg)

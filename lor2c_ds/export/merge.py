@@ -439,11 +439,3 @@ def export(checkpoint: str | os.PathLike, base: str | os.PathLike, out: str | os
         raise
     log.info("export written to %s", out)
     return report
-
-
-def export_run_checkpoint(cfg, tag_dir: Path, rank: int):
-    """Training's merge-on-save: rank 0 starts the export of `tag_dir` to output_dir/export in a process of
-    its own and every rank goes on (lor2c_ds/export/background.py says why)."""
-    from .background import start
-
-    return start(cfg, tag_dir, rank)
