@@ -11,7 +11,8 @@ step time to theirs in the same round.
 
 Methods: `floor` is the frozen model with backward through every activation (one trainable d-vector
 added to the embedding output, nothing else trained); `lora` (q, v), `lor2c`, `share_lor2c`,
-`reslora-is|bs|ms` (with ResLoRA's per-step statistics, as in training); `merge_lor2c`,
+`reslora-is|bs|ms` (with ResLoRA's per-step statistics, as in training; `reslora-is-weights` with the
+`weights` merge rule, whose statistic adds ||W + s B A||), `merge_lor2c`,
 `inject_lor2c`, `im_lor2c`: LoR2C in the layout after one merge and/or one injection, set before the
 engine is built as a resumed run does (the events themselves are not timed); `peft_lora`: PEFT LoRA
 on the same projections and rank under the HF Trainer with the same DeepSpeed ZeRO settings
@@ -44,6 +45,7 @@ METHODS: dict[str, dict | None] = {
     "lor2c": {"method": "lor2c"},
     "share_lor2c": {"method": "share_lor2c"},
     "reslora-is": {"method": "reslora", "reslora_variant": "is"},
+    "reslora-is-weights": {"method": "reslora", "reslora_variant": "is", "merge_rule": "weights"},
     "reslora-bs": {"method": "reslora", "reslora_variant": "bs", "pre_num": 1},
     "reslora-ms": {"method": "reslora", "reslora_variant": "ms", "pre_num": 2},
     "merge_lor2c": {"method": "lor2c", "merges": 1},
@@ -53,7 +55,7 @@ METHODS: dict[str, dict | None] = {
 PEFT = "peft_lora"
 ZERO_CONFIGS = {1: "zero2", 2: "zero2", 3: "zero3"}  # ds_configs/ name, stage set from --zero
 TARGETS = {"lor2c": 1.03, "lora": 1.08, "reslora": 1.15, "vs_peft_lora": 0.9, "backbone_2_ranks": 0.55,
-           "comm_vs_backbone": 2.1, "checkpoint_ratio": 1.1}
+           "comm_vs_backbone": 2.1, "checkpoint_ratio": 1.1, "reslora_gather_vs_lora": 1.01}
 
 
 class BenchError(ValueError):
@@ -409,6 +411,13 @@ def check_targets(records: list[dict]) -> list[dict]:
                 TARGETS["vs_peft_lora"])
         if m.startswith("reslora"):
             add(f"ResLoRA <= {TARGETS['reslora']}x floor", rec, rec["vs_floor"], TARGETS["reslora"])
+            lora = next((o for o in records if (o["method"], o["zero_stage"], o["ranks"]) ==
+                         ("lora", rec["zero_stage"], rec["ranks"])), None)
+            if lora and rec["ranks"] > 1 and lora["comm_bytes_per_step"].get("all_gather"):
+                # its statistics gather no weight: the same backbone traffic as LoRA's (within 1%)
+                add(f"ResLoRA all-gather bytes per step <= {TARGETS['reslora_gather_vs_lora']}x LoRA's", rec,
+                    rec["comm_bytes_per_step"].get("all_gather", 0) / lora["comm_bytes_per_step"]["all_gather"],
+                    TARGETS["reslora_gather_vs_lora"])
         if rec["ranks"] > 1:
             add(f"bytes communicated per step <= {TARGETS['comm_vs_backbone']}x backbone bytes", rec,
                 rec["comm_vs_backbone"], TARGETS["comm_vs_backbone"])

@@ -105,6 +105,53 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
+DS_CONFIGS = Path(__file__).resolve().parents[1] / "ds_configs"
+AUTO_KNOBS = ("overlap_comm", "pin_memory", "zero_hpz_partition_size")  # resolved by lor2c_ds.engine
+
+
+def documented_knobs() -> set[str]:
+    """The knobs with a row in ds_configs/README.md's table."""
+    import re
+
+    text = (DS_CONFIGS / "README.md").read_text()
+    return set(re.findall(r"^\| `([a-z0-9_]+)` \|", text, flags=re.M))
+
+
+def check_zero_config(path: str | None, gpus_per_node: int) -> list[str]:
+    """Errors (PlanError) for knobs the DeepSpeed JSON sets without a row in ds_configs/README.md or with an
+    "auto" nothing resolves, or an hpZ partition that does not divide a node; warnings returned."""
+    from lor2c_ds.planner import PlanError
+
+    source = Path(path) if path else DS_CONFIGS / "zero3.json"
+    try:
+        zero = json.loads(source.read_text()).get("zero_optimization", {})
+    except (OSError, json.JSONDecodeError, AttributeError) as e:
+        raise PlanError(f"--zero-config {source}: not a readable DeepSpeed JSON ({e})") from None
+    known, warnings = documented_knobs(), []
+    knobs = dict(zero)
+    for section in ("offload_optimizer", "offload_param"):
+        if isinstance(zero.get(section), dict):
+            knobs.update({k: v for k, v in zero[section].items()})
+            if zero[section].get("pin_memory") is False:
+                warnings.append(f"{source.name}: {section}.pin_memory is false: host<->GPU copies are unpinned "
+                                "(slower); \"auto\" pins them with CUDA")
+    undocumented = sorted(k for k in knobs if k not in known)
+    if undocumented:
+        raise PlanError(f"--zero-config {source}: knob(s) {undocumented} have no row in ds_configs/README.md; "
+                        "document what each is for")
+    bad_auto = sorted(k for k, v in knobs.items() if v == "auto" and k not in AUTO_KNOBS)
+    if bad_auto:
+        raise PlanError(f"--zero-config {source}: {bad_auto} set to \"auto\", which only {list(AUTO_KNOBS)} accept")
+    hpz = zero.get("zero_hpz_partition_size", "auto")
+    if hpz != "auto" and (not isinstance(hpz, int) or hpz < 1 or gpus_per_node % hpz):
+        raise PlanError(f"--zero-config {source}: zero_hpz_partition_size {hpz} does not divide the "
+                        f"{gpus_per_node} GPUs of a node; use \"auto\" (the node's GPU count)")
+    if zero.get("overlap_comm") is False:
+        warnings.append(f"{source.name}: overlap_comm is false: gradient reduction and gathers wait for compute "
+                        "on GPUs; \"auto\" overlaps them with CUDA")
+    return warnings
+
+
 def zero_knobs(path: str | None) -> dict:
     from lor2c_ds.planner import DEFAULT_ZERO, PlanError
 
@@ -288,11 +335,14 @@ def main(argv=None) -> int:
         work = Workload(method=args.method, r=args.r, seq=args.seq, micro_batch=args.micro_batch,
                         precision=args.precision, task=args.task, activation_checkpointing=args.ckpt,
                         adapter=parse_set(args.set), attention=args.attention)
+        knob_warnings = check_zero_config(args.zero_config, args.gpus_per_node)
         plan = make_plan(config, cluster, work, zero_knobs(args.zero_config))
     except PlanError as e:
         print(f"lor2c-plan: error: {e}", file=sys.stderr)
         return EXIT_NO_FIT if str(e).startswith("does not fit") else EXIT_BAD_INPUT
     print(render(plan, label))
+    for line in knob_warnings:
+        print(f"lor2c-plan: warning: {line}", file=sys.stderr)
     if args.json:
         Path(args.json).write_text(json.dumps({"label": label, **plan}, indent=2) + "\n")
         print(f"\nwrote {args.json}")

@@ -1,12 +1,26 @@
 """The extension point of the training loop: topology events, statistics, preemption."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from torch import nn
+from torch import nn
 
-    from .train import RunState
+
+class RunStateLike(Protocol):
+    """What a callback may read and set of the run (lor2c_ds.train.RunState is one)."""
+
+    cfg: Any  # the TrainConfig
+    engine: Any  # the DeepSpeed engine; a callback may replace it (and must keep it valid)
+    rank: int
+    world: int
+    metrics: Any  # .write(step, kind, values) and .event(step, kind, payload)
+    step: int
+    stop: bool  # set to end the loop after this step
+    data: Any  # the run's PreparedData (eval split and collator)
+
+    @property
+    def output_dir(self) -> Path: ...
 
 
 class Callback:
@@ -25,13 +39,13 @@ class Callback:
     def state_dict(self) -> dict:
         return {}
 
-    def configure_model(self, model: "nn.Module") -> "nn.Module":
+    def configure_model(self, model: nn.Module) -> nn.Module:
         """Called on the model with its adapters, before the engine is built."""
         return model
 
-    def on_train_start(self, run: "RunState") -> None: ...
+    def on_train_start(self, run: RunStateLike) -> None: ...
 
-    def on_step_end(self, run: "RunState") -> None: ...
+    def on_step_end(self, run: RunStateLike) -> None: ...
 
-    def on_train_end(self, run: "RunState") -> None:
+    def on_train_end(self, run: RunStateLike) -> None:
         """Only when training reached its last step; a run stopped early (preemption) skips it."""

@@ -88,6 +88,31 @@ def build_ds_config(cfg: TrainConfig, world_size: int, total_steps: int) -> dict
             "warmup_num_steps": max(1, int(cfg.warmup_ratio * total_steps)), "warmup_type": "linear"}},
     })
     ds.setdefault("steps_per_print", 10**9)  # the recipe logs; keep DeepSpeed's own step log quiet
+    return resolve_auto_knobs(ds)
+
+
+def gpus_per_node() -> int:
+    """Ranks on this node: LOCAL_WORLD_SIZE (torchrun, and the SLURM launch sets it), else SLURM's tasks per node."""
+    for key in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE"):
+        value = os.environ.get(key, "").split("(")[0].split(",")[0]
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return 1
+
+
+def resolve_auto_knobs(ds: dict) -> dict:
+    """The ZeRO knobs that ds_configs/ set to "auto" (ds_configs/README.md): overlap_comm and the offload
+    pin_memory on with CUDA (side streams, page-locked copies) and off on CPU; zero_hpz_partition_size
+    the node's rank count, so the secondary partition stays inside a node. Returns `ds`, edited."""
+    zero = ds.get("zero_optimization", {})
+    cuda = torch.cuda.is_available()
+    if zero.get("overlap_comm") == "auto":
+        zero["overlap_comm"] = cuda
+    for key in ("offload_optimizer", "offload_param"):
+        if isinstance(zero.get(key), dict) and zero[key].get("pin_memory") == "auto":
+            zero[key]["pin_memory"] = cuda
+    if zero.get("zero_hpz_partition_size") == "auto":
+        zero["zero_hpz_partition_size"] = gpus_per_node()
     return ds
 
 
@@ -196,6 +221,19 @@ def gathered(params):
             yield
     else:
         yield
+
+
+def local_partition(param) -> tuple[torch.Tensor, int] | None:
+    """(this rank's elements of the flattened `param`, the flat index of its first) for a ZeRO-3
+    partitioned parameter, padding left out; None when `param` is not partitioned here or its partition
+    is not readable in place (NVMe, quantized): the caller then reads it whole."""
+    part = getattr(param, "ds_tensor", None)
+    if not hasattr(param, "ds_id") or part is None or getattr(part, "final_location", None) is not None \
+            or hasattr(part, "ds_quant_scale"):
+        return None
+    start = part.ds_numel * dist.get_rank(group=param.ds_process_group)
+    count = max(0, min(part.ds_numel, param.ds_numel - start))
+    return part.narrow(0, 0, count), start
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

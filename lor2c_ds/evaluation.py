@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from . import engine as ds
 
@@ -45,14 +46,37 @@ def scored_labels(batch: dict, task: str) -> torch.Tensor:
     return labels
 
 
-def summed_loss(logits: torch.Tensor, labels: torch.Tensor, task: str) -> torch.Tensor:
-    """The loss summed over the scored targets: cross-entropy (classes, next tokens) or squared error."""
+LOSS_CHUNK_ELEMENTS = 1 << 24  # logits per chunk of the token loss (64 MB in fp32)
+
+
+def summed_loss(logits: torch.Tensor, labels: torch.Tensor, task: str,
+                chunk_elements: int = LOSS_CHUNK_ELEMENTS) -> torch.Tensor:
+    """The loss summed over the scored targets: cross-entropy (classes, next tokens) or squared error.
+
+    Token tasks take the vocabulary in chunks of about `chunk_elements` logits (whole positions): each
+    chunk is upcast to fp32 and reduced on its own and, with autograd on, recomputed in backward
+    (activation checkpointing), so no fp32 copy of the whole logits is ever held."""
     if task == "regression":
         keep = labels != -100
         return F.mse_loss(logits.squeeze(-1).float()[keep], labels[keep].float(), reduction="sum")
-    if task in TOKEN_TASKS:
-        logits = logits[:, :-1]
-    return F.cross_entropy(logits.float().flatten(0, -2), labels.flatten(), ignore_index=-100, reduction="sum")
+    if task not in TOKEN_TASKS:
+        return _cross_entropy_sum(logits, labels)
+    logits = logits[:, :-1]  # a view; each chunk below slices it
+    batch, positions, vocab = logits.shape
+    step = max(1, chunk_elements // max(1, batch * vocab))
+    recompute = torch.is_grad_enabled() and logits.requires_grad
+    total = logits.new_zeros((), dtype=torch.float32)
+    for start in range(0, positions, step):
+        part, target = logits[:, start:start + step], labels[:, start:start + step]
+        if recompute:
+            total = total + torch.utils.checkpoint.checkpoint(_cross_entropy_sum, part, target, use_reentrant=False)
+        else:
+            total = total + _cross_entropy_sum(part, target)
+    return total
+
+
+def _cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(), ignore_index=-100, reduction="sum")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -154,6 +154,7 @@ class RunState:
     best: dict | None = None  # {"metric", "value", "step", "tag"} of the best evaluation so far
     last_saved_step: int | None = None
     run_id: str = ""  # kept across resumes; retention only deletes this run's checkpoints
+    data: "PreparedData | None" = None  # the prepared splits, for callbacks that evaluate (prepared once)
 
     @property
     def output_dir(self) -> Path:
@@ -198,31 +199,33 @@ class RunState:
         return tag_dir
 
 
-def _real_tokens(batch: dict) -> float:
+def _real_tokens(batch: dict) -> torch.Tensor:
     mask = batch.get("attention_mask")
-    return float(mask.sum()) if mask is not None else float((batch["labels"] != -100).sum())
+    return mask.sum() if mask is not None else (batch["labels"] != -100).sum()
 
 
 def train_step(engine, micro: list[dict], task: str, world: int) -> dict:
-    """One optimizer step over this rank's micro-batches of one global batch."""
+    """One optimizer step over this rank's micro-batches of one global batch; one host sync, at the end."""
     labels = [scored_labels(b, task) for b in micro]
     # The loss is the mean over every target of the global batch, whatever the ranks and
     # micro-steps: normalise by the global count (DeepSpeed averages gradients over both).
-    counts = ds.all_reduce_sum(torch.tensor(
-        [sum((y != -100).sum().item() for y in labels), sum(_real_tokens(b) for b in micro)],
-        dtype=torch.float64, device=engine.device))
-    targets = max(counts[0].item(), 1.0)
-    scale = world * len(micro) / targets
+    counts = ds.all_reduce_sum(torch.stack([
+        sum((y != -100).sum() for y in labels), sum(_real_tokens(b) for b in micro)]).to(engine.device, torch.float64))
+    targets = counts[0].clamp(min=1.0)
+    scale = world * len(micro) / targets  # on the device: no sync
     lr = engine.get_lr()[0]  # the rate this step's update uses
     loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)
     for b, y in zip(micro, labels):
         logits = engine(**model_inputs(b)).logits
         loss = summed_loss(logits, y, task)
-        engine.backward(loss * scale)
+        engine.backward(loss * scale.to(loss.dtype))
         engine.step()
         loss_sum += loss.detach().double()
-    return {"loss": ds.all_reduce_sum(loss_sum).item() / targets, "lr": lr,
-            "grad_norm": float(engine.get_global_grad_norm() or 0.0), "tokens": counts[1].item()}
+    norm = engine.get_global_grad_norm()
+    norm = norm.detach().double().reshape(()).to(engine.device) if torch.is_tensor(norm) else \
+        torch.tensor(float(norm or 0.0), dtype=torch.float64, device=engine.device)
+    loss, grad_norm, tokens = torch.stack([ds.all_reduce_sum(loss_sum) / targets, norm, counts[1]]).tolist()
+    return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens}
 
 
 def _log_preempted(state: RunState) -> None:
@@ -240,7 +243,7 @@ def default_callbacks(cfg: TrainConfig) -> list[Callback]:
     """The callbacks a recipe implies: each feature that acts during training adds its own here."""
     callbacks: list[Callback] = [PreemptionCallback()]  # stop all ranks together on SIGUSR1/SIGTERM
     if cfg.adapter.method == "reslora":
-        from .adapters.reslora import ResLoRACallback
+        from .reslora_training import ResLoRACallback
         callbacks.append(ResLoRACallback())  # merge statistics, merge error at the end
     from .topology import topology_callbacks
 
@@ -313,7 +316,7 @@ def run(cfg: TrainConfig, rank: int, world: int, callbacks: list[Callback] | Non
         model = c.configure_model(model)
     engine = ds.initialize(model, ds_config)
     state = RunState(cfg, engine, rank, world, None, total_steps, steps_per_epoch, callbacks=callbacks,
-                     label_names=data.label_names)
+                     label_names=data.label_names, data=data)
     state.run_id = (restored or {}).get("run_id") or ds.broadcast_object(checkpoint.new_run_id() if rank == 0 else None)
     if restored:
         checkpoint.restore(engine, ckpt_root, resume_tag, rank)

@@ -13,6 +13,11 @@ if "TORCH_EXTENSIONS_DIR" not in os.environ:
     _ext_dir = tempfile.mkdtemp(prefix="lor2c_ds_torch_ext_")
     os.environ["TORCH_EXTENSIONS_DIR"] = _ext_dir
     atexit.register(shutil.rmtree, _ext_dir, ignore_errors=True)
+# prepared datasets (lor2c_ds.data.cache): one folder per test session, shared by its spawned ranks
+if "LOR2C_DS_DATA_CACHE" not in os.environ:
+    _data_cache = tempfile.mkdtemp(prefix="lor2c_ds_prepared_")
+    os.environ["LOR2C_DS_DATA_CACHE"] = _data_cache
+    atexit.register(shutil.rmtree, _data_cache, ignore_errors=True)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -144,3 +144,23 @@ def test_missing_model_and_busy_out(tmp_path, capsys):
     (tmp_path / "o" / "x").write_text("")
     assert bench.main(["--model", str(tmp_path / "m"), "--out", str(tmp_path / "o")]) == 2
     assert "--overwrite" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_reslora_is_gathers_what_lora_gathers(tmp_path):
+    """Item 1's invariant: ResLoRA-is, with either merge rule, all-gathers per step the bytes LoRA does
+    (within 1%): its ||W + s B A|| statistic reads each rank's own partition and gathers no weight."""
+    model = save_llama(tmp_path / "llama")
+    out = tmp_path / "out"
+    methods = ("lora", "reslora-is", "reslora-is-weights")
+    code = bench.main(["--model", str(model), "--task", "causal_lm", "--methods", ",".join(methods),
+                       "--ranks", "2", "--zero", "3", "--r", "8", "--seq", "16", "--micro-batch", "2",
+                       "--steps", "1", "--warmup", "1", "--comm-steps", "1", "--out", str(out)])
+    assert code == 0
+    result = json.loads((out / "bench.json").read_text())
+    gathered = {r["method"]: r["comm_bytes_per_step"]["all_gather"] for r in result["records"]}
+    assert gathered["lora"] > 0
+    for method in methods[1:]:
+        assert gathered[method] == pytest.approx(gathered["lora"], rel=0.01), gathered
+    checks = [t for t in result["targets"] if t["target"].startswith("ResLoRA all-gather bytes")]
+    assert {t["method"] for t in checks} == set(methods[1:]) and all(t["met"] for t in checks)

@@ -18,7 +18,7 @@ from launcher.export import main as export_main
 from lor2c_ds import AdapterConfig, apply_adapters, save_adapters
 from lor2c_ds.export import ExportError, export, from_pretrained
 
-from test_distributed import CHITCHAT, MINILM, POLARITY, REPO, needs_assets, save_tiny_llama  # noqa: E402
+from test_distributed import CHITCHAT, MINILM, POLARITY, REPO, SMOLLM, needs_assets, save_tiny_llama  # noqa: E402
 
 # A script that loads an export with transformers alone and proves lor2c_ds was never imported.
 PLAIN_LOAD = """
@@ -128,7 +128,8 @@ def test_injected_lora_is_folded(tmp_path, injected):
 
 
 def test_reslora_approximate_merge_reports_its_error(tmp_path):
-    from lor2c_ds.adapters.reslora import reslora_modules, save_reslora_stats
+    from lor2c_ds.adapters.reslora import reslora_modules
+    from lor2c_ds.reslora_training import save_reslora_stats
 
     base, ckpt, model = fake_run(tmp_path, "llama", method="reslora", reslora_variant="is")
     for i, (_, m) in enumerate(reslora_modules(model)):
@@ -275,7 +276,10 @@ def test_export_from_the_training_config(tmp_path, capsys):
     assert report["checkpoint"].endswith("step_2") and report["parity"]["passed"]
     assert report["parity"]["source"].startswith("synthetic")
     cfg = load_config(recipe, ["export_dtype=bf16"])
-    export_run_checkpoint(cfg, run / "checkpoints" / "step_2", rank=0)  # replaces the previous export
+    # replaces the previous export, in a process of its own (nothing is started on other ranks)
+    assert export_run_checkpoint(cfg, run / "checkpoints" / "step_2", rank=1) is None
+    assert export_run_checkpoint(cfg, run / "checkpoints" / "step_2", rank=0).wait(timeout=600) == 0
+    assert not (run / "export_staging" / "step_2").exists()
     assert json.loads((run / "export" / "config.json").read_text())["dtype"] == "bfloat16"
     assert export_main(["--checkpoint", str(run / "checkpoints" / "step_3"), "--base", str(base),
                         "--out", str(tmp_path / "x")]) == 2
@@ -454,7 +458,65 @@ def test_training_exports_on_save(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "launcher.train", "--config", str(recipe)], cwd=REPO,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert proc.stderr.count("export written to") == 2
-    report = json.loads((run / "export" / "export_report.json").read_text())
+    # the exports run in processes of their own, which the ranks did not wait for: wait for them here
+    import time
+
+    report_path, deadline = run / "export" / "export_report.json", time.time() + 600
+    while time.time() < deadline:
+        if report_path.is_file() and json.loads(report_path.read_text())["checkpoint"].endswith("step_2"):
+            break
+        assert not list((run / "export_logs").glob("*.failed")), [p.read_text() for p in (run / "export_logs").glob("*.log")]
+        time.sleep(1)
+    report = json.loads(report_path.read_text())
     assert report["checkpoint"].endswith("step_2") and report["parity"]["passed"]
+    logs = sorted(p.name for p in (run / "export_logs").glob("*.log"))
+    assert logs == ["step_1.log", "step_2.log"]
+    while time.time() < deadline and (run / "export_staging").exists() and any((run / "export_staging").iterdir()):
+        time.sleep(1)  # the step_1 export may still be finishing: it leaves the newer export alone
+    assert not any((run / "export_staging").iterdir())
     assert report["plain_transformers"] and (run / "export" / "peft" / "adapter_config.json").is_file()
+
+
+@pytest.mark.slow
+@needs_assets
+def test_export_peak_memory_on_smollm2(tmp_path):
+    """Peak host RSS of lor2c-export on SmolLM2-135M (fp32 weights: 538 MB) with a q,v LoRA, measured as
+    the child's ru_maxrss. Bounds, above the interpreter with torch and transformers loaded: the merge
+    alone (no parity) under 1.0x the model's bytes (it streams tensor by tensor; measured about 0.7x),
+    with the 4-batch parity under 2.0x (it loads the trained and the exported model one after the
+    other; measured about 1.7x). The issue's bound (largest tensor + one block) needs a block-by-block
+    parity, which this does not do yet."""
+    import resource
+
+    base = SMOLLM
+    model_bytes = (base / "model.safetensors").stat().st_size
+    adapter = tmp_path / "adapter"
+    make = ("import sys, torch\nfrom transformers import AutoModelForCausalLM\n"
+            "from lor2c_ds import AdapterConfig, apply_adapters, save_adapters\n"
+            "m = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)\n"
+            "apply_adapters(m, AdapterConfig(method='lora', r=8, alpha=16, targets=['q', 'v']))\n"
+            "torch.manual_seed(0)\n"
+            "with torch.no_grad():\n"
+            "    [p.normal_(0, 0.01) for n, p in m.named_parameters() if n.endswith('lora_B.weight')]\n"
+            "save_adapters(m, sys.argv[2])\n")
+    subprocess.run([sys.executable, "-c", make, str(base), str(adapter)], cwd=REPO, check=True,
+                   capture_output=True, timeout=600)
+
+    def peak_kb(*cmd) -> int:
+        probe = ("import resource, subprocess, sys\n"
+                 "subprocess.run(sys.argv[1:], check=True, capture_output=True)\n"
+                 "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n")
+        out = subprocess.run([sys.executable, "-c", probe, *cmd], cwd=REPO, capture_output=True, text=True,
+                             timeout=900)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return int(out.stdout.split()[-1])
+
+    baseline = peak_kb(sys.executable, "-c", "import torch, transformers, safetensors, lor2c_ds.export")
+    export = [sys.executable, "-m", "launcher.export", "--checkpoint", str(adapter), "--base", str(base),
+              "--overwrite"]
+    merge_only = peak_kb(*export, "--out", str(tmp_path / "a"), "--parity-batches", "0")
+    with_parity = peak_kb(*export, "--out", str(tmp_path / "b"), "--parity-batches", "4")
+    extra = [(kb - baseline) * 1024 / model_bytes for kb in (merge_only, with_parity)]
+    assert extra[0] < 1.0, extra
+    assert extra[1] < 2.0, extra
+    assert json.loads((tmp_path / "b" / "export_report.json").read_text())["parity"]["passed"]

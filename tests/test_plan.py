@@ -223,3 +223,48 @@ def test_predictions_match_a_real_zero3_engine(tmp_path):
             assert abs(errors["comm_bytes_per_step all_gather"]) <= 0.15, errors
     (tmp_path / "records.json").write_text(json.dumps(records))
     assert main(["--validate", str(tmp_path / "records.json")]) == 0
+
+
+def test_every_shipped_ds_config_knob_is_documented_and_checked(tmp_path, capsys):
+    """ds_configs/README.md has a row per knob; lor2c-plan rejects an undocumented knob, a stray "auto"
+    and an hpZ partition that does not divide a node, and warns on unpinned offload / no overlap."""
+    from launcher import plan as cli
+
+    for path in sorted((REPO / "ds_configs").glob("*.json")):
+        assert cli.check_zero_config(str(path), gpus_per_node=8) == [], path.name
+    base = json.loads((REPO / "ds_configs" / "zero3_offload.json").read_text())
+
+    def write(**zero):
+        cfg = json.loads(json.dumps(base))
+        cfg["zero_optimization"].update(zero)
+        path = tmp_path / "ds.json"
+        path.write_text(json.dumps(cfg))
+        return str(path)
+
+    args = ["--model-config", "llama-2-7b", "--gpus-per-node", "8"]
+    for zero, message in [({"mystery_knob": 1}, "no row in ds_configs/README.md"),
+                          ({"reduce_bucket_size": "auto"}, "which only"),
+                          ({"zero_hpz_partition_size": 3}, "does not divide the 8 GPUs")]:
+        assert cli.main([*args, "--zero-config", write(**zero)]) == 2
+        assert message in capsys.readouterr().err
+    off = write(overlap_comm=False, offload_param={"device": "cpu", "pin_memory": False})
+    assert cli.main([*args, "--zero-config", off]) == 0
+    err = capsys.readouterr().err
+    assert "overlap_comm is false" in err and "offload_param.pin_memory is false" in err
+
+
+def test_auto_knobs_resolve_from_the_accelerator_and_the_node(monkeypatch):
+    import torch
+
+    from lor2c_ds import engine as ds
+
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    cfg = {"zero_optimization": {"overlap_comm": "auto", "zero_hpz_partition_size": "auto",
+                                 "offload_param": {"device": "cpu", "pin_memory": "auto"}}}
+    zero = ds.resolve_auto_knobs(cfg)["zero_optimization"]
+    cuda = torch.cuda.is_available()
+    assert zero == {"overlap_comm": cuda, "zero_hpz_partition_size": 4,
+                    "offload_param": {"device": "cpu", "pin_memory": cuda}}
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "8(x2)")
+    assert ds.gpus_per_node() == 8

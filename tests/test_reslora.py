@@ -14,8 +14,8 @@ from torch import nn
 from conftest import FAMILIES, TINY_LAYERS, make_input_ids, make_model
 from lor2c_ds import AdapterConfig, apply_adapters
 from lor2c_ds.adapters.config import ConfigError
-from lor2c_ds.adapters.reslora import (ResLoRA, ResLoRAStats, load_reslora_stats, merge_report, merge_reslora,
-                                       merged_view, reslora_modules, save_reslora_stats)
+from lor2c_ds.adapters.reslora import ResLoRA, merge_reslora, merged_view, reslora_modules
+from lor2c_ds.reslora_training import ResLoRAStats, load_reslora_stats, merge_report, save_reslora_stats
 from lor2c_ds.registry import find_blocks, spec_for
 
 L = TINY_LAYERS
@@ -322,7 +322,7 @@ def test_statistics_are_window_rms_of_the_norms(family, variant, rule):
             W = W[proj.chunk * width:(proj.chunk + 1) * width]
             wn = (W + res[n].scaling * res[n].lora_B.weight @ res[n].lora_A.weight).norm().item()
             rows.append((list(zip(xs[n], masks)), list(zip(middles(variant, res, xs, n), masks)),
-                         wn if variant == "is" else math.nan))
+                         wn if rule == "weights" else math.nan))
         steps.append(rows)
         stats.step(model)
     assert len(stats.window) == 3
@@ -646,3 +646,56 @@ def test_bs_merge_into_bf16(family, adapter):
             err = (after[n].weight.float() - exact).abs()
             assert bool((err <= 2.0 ** -8 * exact.abs() * (1 + 1e-3)).all()), (t, n, err.max())
 
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("world", [2, 3])
+def test_weight_norm_from_flat_partitions_equals_whole(family, world):
+    """The shard-local form of ||W + s B A||: each simulated rank holds a flat slice of W (ZeRO-3's
+    layout, cut mid-row); summing their partials == the norm of the whole matrix (gpt2: fused c_attn)."""
+    from lor2c_ds.reslora_training import weight_norms, weight_partials
+
+    model = build(family, "is", 1, ["q", "v"], merge_rule="weights")
+    with torch.no_grad():
+        for _, m in reslora_modules(model):
+            m.lora_B.weight.normal_(0, 0.3)
+    named = reslora_modules(model)
+    mods = [m for _, m in named]
+    parents = {id(m): model.get_submodule(n.rpartition(".")[0]) for n, m in named}
+
+    def slices(rank):
+        def partition(param):
+            flat = param.detach().reshape(-1)
+            size = -(-flat.numel() // world)
+            return flat[rank * size:(rank + 1) * size], rank * size
+        return partition
+
+    parts = [weight_partials(model, mods, partition=slices(r), rank=r)[0] for r in range(world)]
+    low_rank = weight_partials(model, mods, partition=slices(0))[1]
+    sharded = (sum(parts) + low_rank).sqrt()
+    whole = weight_norms(model, mods)  # every weight held whole: counted once, on rank 0
+    want = []
+    for m in mods:
+        proj = parents[id(m)]
+        W = proj.weight if isinstance(proj, nn.Linear) else proj.weight.T
+        width = m.lora_B.weight.shape[0]
+        W = W[m.chunk * width:(m.chunk + 1) * width].double()
+        want.append((W + m.scaling * m.lora_B.weight.double() @ m.lora_A.weight.double()).norm().item())
+    torch.testing.assert_close(sharded, torch.tensor(want, dtype=torch.float64), rtol=1e-6, atol=0)
+    torch.testing.assert_close(whole, torch.tensor(want, dtype=torch.float64), rtol=1e-6, atol=0)
+    assert weight_partials(model, mods, rank=1)[0].abs().sum() == 0  # a whole weight is not counted twice
+
+
+@pytest.mark.parametrize("variant,m,rule", [("is", 1, "inputs"), ("is", 1, "weights"), ("bs", 2, None),
+                                            ("ms", 2, "inputs"), ("ms", 2, "middle")])
+def test_merged_view_holds_low_rank_factors_only(variant, m, rule):
+    """The merge report's deltas are (d_out x k, k x d_in) with k <= (m+1) r, and L @ R == delta_weight."""
+    model = build("llama", variant, m, ["q", "v"], merge_rule=rule)
+    _with_stats(model, [(1.0 + 0.1 * i, 2.0 - 0.05 * i, 3.0 + 0.2 * i) for i in range(2 * L)])
+    with merged_view(model):
+        for _, mod in reslora_modules(model):
+            left, right = mod._merged_delta
+            d_out, d_in = mod.lora_B.weight.shape[0], mod.lora_A.weight.shape[1]
+            assert left.shape[0] == d_out and right.shape[1] == d_in
+            assert left.shape[1] == right.shape[0] <= (m + 1) * mod.r
+            torch.testing.assert_close(left @ right, mod.delta_weight(), rtol=1e-6, atol=1e-7)

@@ -37,23 +37,18 @@ it is cleared by a model forward pre-hook and when layer 0 runs, and after the f
 
 Statistics: in training mode each module adds sum_t ||x_{n,t}||^2, sum_t ||a_{n,t}||^2 and the token
 count T (padding excluded, from the model's attention mask) into an fp64 on-device accumulator, once
-per model forward (no host sync). `ResLoRACallback` sums them over micro-batches and ranks once per
-optimizer step (one all-reduce of one flat tensor), keeps the per-step sums of the last 100 steps and
-hands the modules f = sqrt(sum of the window's sums of squares / sum of its T): plain sums, so f does
-not depend on how a global batch is split into micro-batches, ranks or steps, nor on padding. The
-window (sums, not f) is saved in checkpoints as JSON, so a resumed run continues it exactly.
+per model forward (no host sync). The training side (lor2c_ds/reslora_training.py) sums them over
+micro-batches and ranks once per optimizer step, keeps a window of per-step sums and hands the modules
+f = sqrt(sum of the window's sums of squares / sum of its T) in `stats`.
 
 Dtypes: the adapter weights may differ from the backbone's (bf16 base, fp32 adapters): the low-rank
 path casts its input (and the shortcut tensors) to the adapter dtype and its result to the output's;
 statistics are taken in fp32 and summed in fp64; `merge_reslora` computes delta in fp32 and casts once.
 
-||W_n + s B_n A_n|| is computed once per step for `is` (either rule), out of place: W is never
-written; under ZeRO-3 one projection's weight is gathered at a time.
-
-The merge error: `merge_report` runs held-out batches through the training-time graph and through
-`merged_view` (each block adds (W'_n - W_n) x_n, equal to the merged model up to rounding, bf16's in
-a bf16 model, and usable on a ZeRO-3 partitioned backbone) and reports the logit difference and both metrics;
-`ResLoRACallback.on_train_end` does it on all ranks for every rule of the variant.
+Every merge is low rank: W'_n - W_n = L_n R_n with L_n (d_out x k), R_n (k x d_in), k = r (or (m+1) r
+for bs); `delta_factors` returns them, `merged_view` applies them as x -> (x R^T) L^T (each block adds
+(W'_n - W_n) x_n, the merged model's function, usable on a ZeRO-3 partitioned backbone) and
+`merge_reslora` forms one dense delta at a time, to add it to its W.
 
 Activation checkpointing: the recomputed block forward would read x_{n-1} / a_{n-k} held from the
 original forward, outside the checkpoint's bookkeeping; rather than risk wrong gradients, is and ms
@@ -62,31 +57,19 @@ refuse to train with checkpointing enabled. bs links parameters only and works w
 from __future__ import annotations
 
 import contextlib
-import json
-import logging
 import math
-from collections import deque
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..callbacks import Callback
 from ..fused import OutputSlice, equal_chunk
 from ..registry import projection_dims, unknown_targets
 from .config import RESLORA_MERGE_RULES, ConfigError
 from .lora import init_low_rank
 
-log = logging.getLogger(__name__)
-
-WINDOW = 100  # steps in the moving mean of the merge statistics
-STATS_NAME = "reslora_stats.json"
-# What a module merges with (and reslora_stats.json holds): f_x, f_a, mean ||W_n + s B_n A_n|| (is, else NaN).
+# What a module merges with, in `ResLoRA.stats`: f_x, f_a, mean ||W_n + s B_n A_n|| (NaN when not recorded).
 STAT_FIELDS = ("input", "middle", "weight")
-# The window's rows, per module and step: sum_t ||x_t||^2, sum_t ||a_t||^2, T, ||W_n + s B_n A_n||.
-WINDOW_FIELDS = ("input_sumsq", "middle_sumsq", "tokens", "weight")
-WINDOW_FORMAT = "reslora-sums-v2"
 
 
 def _checkpointing(blocks) -> bool:
@@ -137,7 +120,7 @@ class ResLoRA(nn.Module):
         self.stats: tuple[float, float, float] | None = None  # (f_x, f_a, weight), set by the callback
         self.acc: torch.Tensor | None = None  # fp64 (sum ||x_t||^2, sum ||a_t||^2, T) since the last step
         self._recorded = -1
-        self._merged_delta: torch.Tensor | None = None  # set inside `merged_view`
+        self._merged_delta: tuple[torch.Tensor, torch.Tensor] | None = None  # (L, R), set inside `merged_view`
 
     @property
     def variant(self) -> str:
@@ -155,7 +138,8 @@ class ResLoRA(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The low-rank delta in the adapter weights' dtype (`add_to_output` casts it to the output's)."""
         if self._merged_delta is not None:
-            return F.linear(x.to(self._merged_delta.dtype), self._merged_delta)
+            left, right = self._merged_delta
+            return F.linear(F.linear(x.to(right.dtype), right), left)
         group, n = self.group, self.index
         if n == 0:
             group.saved.clear()  # layer 0 starts a forward, whatever entry point was called
@@ -214,32 +198,38 @@ class ResLoRA(nn.Module):
         if self.group.members[n].stats is None or self.group.members[j].stats is None:
             raise RuntimeError(
                 f"ResLoRA merge rule {self.merge_rule!r} needs recorded statistics, and block {n} of target "
-                f"{self.group.target!r} has none: train with ResLoRACallback, or load_reslora_stats()")
+                f"{self.group.target!r} has none: train with the ResLoRA callback, or load its statistics")
         num, den = self.group.members[j].stats[field], self.group.members[n].stats[field]
         if not (math.isfinite(num) and math.isfinite(den)) or den <= 0:
             raise RuntimeError(f"ResLoRA merge rule {self.merge_rule!r}: statistic {STAT_FIELDS[field]} of "
                                f"blocks {j}/{n} of target {self.group.target!r} is unusable ({num}, {den})")
         return num / den
 
-    def delta_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """W'_n - W_n under this module's merge rule, shaped (d_out, d_in) like nn.Linear.weight,
-        computed in `dtype` (default: the adapter weights' dtype; the caller casts)."""
+    def delta_factors(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(L, R) with W'_n - W_n = L @ R under this module's merge rule (L: d_out x k, R: k x d_in, like
+        nn.Linear.weight), in `dtype` (default: the adapter weights' dtype). Never d_out x d_in."""
         n, s, rule = self.index, self.scaling, self.merge_rule
         dtype = dtype or self.lora_A.weight.dtype
         A, B = self.lora_A.weight.to(dtype), self.lora_B.weight.to(dtype)
         if self.variant == "bs":
-            return s * sum(b.lora_B.weight.to(dtype) @ b.lora_A.weight.to(dtype) for b in [self, *self.earlier()])
+            blocks = [self, *self.earlier()]
+            return (s * torch.cat([b.lora_B.weight.to(dtype) for b in blocks], dim=1),
+                    torch.cat([b.lora_A.weight.to(dtype) for b in blocks]))
         if self.variant == "is":
             if rule == "inputs":
                 factor = 1.0 + (1.0 if n == 0 else self._ratio(n - 1, n, 0))
             else:  # weights
                 factor = 1.0 + (1.0 if n < 2 else self._ratio(n - 2, n - 1, 2))
-            return factor * s * (B @ A)
+            return factor * s * B, A
         if rule == "inputs":
-            mixed = A + sum(self._ratio(b.index, n, 0) * b.lora_A.weight.to(dtype) for b in self.earlier())
-            return s * (B @ mixed)
+            return s * B, A + sum(self._ratio(b.index, n, 0) * b.lora_A.weight.to(dtype) for b in self.earlier())
         factor = 1.0 + sum(self._ratio(b.index, n, 1) for b in self.earlier())  # middle
-        return factor * s * (B @ A)
+        return factor * s * B, A
+
+    def delta_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """W'_n - W_n, dense (d_out, d_in): for merging into W, one module at a time."""
+        left, right = self.delta_factors(dtype)
+        return left @ right
 
 
 def attach_reslora(model: nn.Module, blocks, spec, config) -> list[ResLoRAGroup]:
@@ -290,9 +280,9 @@ def merged_view(model: nn.Module, gather=_no_gather):
     `gather(params)` makes the adapter weights whole outside a forward (ZeRO-3)."""
     mods = [m for _, m in reslora_modules(model)]
     with torch.no_grad(), gather([p for m in mods for p in (m.lora_A.weight, m.lora_B.weight)]):
-        deltas = [m.delta_weight().detach().clone() for m in mods]
-    for m, d in zip(mods, deltas):
-        m._merged_delta = d
+        factors = [tuple(t.detach().clone() for t in m.delta_factors()) for m in mods]
+    for m, f in zip(mods, factors):
+        m._merged_delta = f
     try:
         yield model
     finally:
@@ -306,11 +296,13 @@ def merge_reslora(model: nn.Module) -> nn.Module:
     W' = W + delta, then the modules and their hooks are removed. Returns the plain model."""
     mods = reslora_modules(model)
     parents = [model.get_submodule(name.rpartition(".")[0]) for name, _ in mods]
-    # all before any module is removed; in fp32 at least, added to W there and rounded once
-    deltas = [m.delta_weight(torch.promote_types(torch.promote_types(p.weight.dtype, m.lora_A.weight.dtype),
-                                                 torch.float32)).detach().clone() for p, (_, m) in zip(parents, mods)]
-    for (name, m), proj, delta in zip(mods, parents, deltas):
+    # all factors (low rank) before any module is removed; each dense delta in fp32 at least, formed
+    # only while it is added to its W and rounded once
+    factors = [tuple(t.detach().clone() for t in m.delta_factors(torch.promote_types(
+        torch.promote_types(p.weight.dtype, m.lora_A.weight.dtype), torch.float32))) for p, (_, m) in zip(parents, mods)]
+    for (name, m), proj, (left, right) in zip(mods, parents, factors):
         child = name.rpartition(".")[2]
+        delta = left @ right
         W = proj.weight if isinstance(proj, nn.Linear) else proj.weight.T  # Conv1D keeps (d_in, d_out)
         merged = W.to(delta.dtype) + (delta if m.out_slice is None else m.out_slice.pad(delta.T).T)
         W.copy_(merged.to(W.dtype))  # one rounding, in place (W may be the transposed view)
@@ -328,233 +320,3 @@ def merge_reslora(model: nn.Module) -> nn.Module:
     if hasattr(model, "adapter_config"):
         del model.adapter_config
     return model
-
-
-# ---------------------------------------------------------------------- statistics
-
-
-class ResLoRAStats:
-    """The 100-step window of per-step sums: per step one row, len(WINDOW_FIELDS) values per module."""
-
-    def __init__(self, window: int = WINDOW):
-        self.window: deque[list[float]] = deque(maxlen=window)
-        self.names: list[str] = []
-
-    def state_dict(self) -> dict:
-        return {"format": WINDOW_FORMAT, "fields": list(WINDOW_FIELDS), "names": self.names,
-                "window": [list(row) for row in self.window]}
-
-    def load_state_dict(self, state: dict) -> None:
-        names, rows = list(state.get("names", [])), state.get("window", [])
-        if rows and state.get("format") != WINDOW_FORMAT:
-            raise ValueError(
-                f"ResLoRA statistics window in the old format {state.get('format', 'unversioned')!r} (per-step "
-                f"means of per-token norms, {len(STAT_FIELDS)} per module) cannot be converted exactly to "
-                f"{WINDOW_FORMAT!r} (per-step sums of squared norms and token counts): resume from a "
-                "checkpoint written by this version, or start the run afresh")
-        if any(len(row) != len(WINDOW_FIELDS) * len(names) for row in rows):
-            raise ValueError(f"ResLoRA statistics window: rows must hold {WINDOW_FIELDS} for each of "
-                             f"{len(names)} modules")
-        self.names = names
-        self.window.clear()
-        self.window.extend(list(map(float, row)) for row in rows)
-
-    def means(self) -> list[float] | None:
-        """Per module (f_x, f_a, mean weight norm) over the window, flattened."""
-        if not self.window:
-            return None
-        col = [sum(c) for c in zip(*self.window)]
-        out = []
-        for i in range(0, len(col), len(WINDOW_FIELDS)):
-            sx, sa, tokens, weight = col[i:i + len(WINDOW_FIELDS)]
-            out += [math.sqrt(sx / tokens), math.sqrt(sa / tokens), weight / len(self.window)]
-        return out
-
-    def push_to(self, model: nn.Module) -> None:
-        mods = reslora_modules(model)
-        names = [n for n, _ in mods]
-        if self.names and names != self.names:
-            raise ValueError(f"ResLoRA statistics were recorded for other modules ({self.names[:2]}...), "
-                             f"not this model's ({names[:2]}...)")
-        means = self.means()
-        k = len(STAT_FIELDS)
-        for i, (_, m) in enumerate(mods):
-            m.stats = None if means is None else tuple(means[i * k:(i + 1) * k])
-
-    def step(self, model: nn.Module, reduce=lambda t: t, gather=None) -> None:
-        """End of an optimizer step: reduce the accumulators (one collective), reset them, push a row.
-
-        `reduce` sums a tensor over ranks in place; `gather(params)` is a context manager that makes
-        partitioned frozen weights whole (needed by the "weights" rule only)."""
-        mods = reslora_modules(model)
-        if not mods:
-            return
-        self.names = [n for n, _ in mods]
-        device = mods[0][1].lora_A.weight.device
-        acc = torch.stack([m.acc.to(device) if m.acc is not None else torch.zeros(3, dtype=torch.float64,
-                                                                                   device=device)
-                           for _, m in mods])
-        for _, m in mods:
-            m.acc = None
-        acc = reduce(acc)
-        weight = torch.full((len(mods),), float("nan"), dtype=torch.float64, device=device)
-        if any(m.variant == "is" for _, m in mods):  # so both is rules can be evaluated
-            weight = weight_norms(model, [m for _, m in mods], gather).to(device)
-        row = torch.cat([acc, weight[:, None]], dim=1)  # WINDOW_FIELDS per module
-        if bool((acc[:, 2] > 0).all()):  # one host sync per step
-            self.window.append(row.flatten().tolist())
-            self.push_to(model)
-
-
-@torch.no_grad()
-def weight_norms(model: nn.Module, mods: list[ResLoRA], gather=None) -> torch.Tensor:
-    """||W_n + s B_n A_n||_F per module, computed out of place (W is never written). Under ZeRO-3,
-    `gather` makes one projection's weight whole at a time."""
-    gather = gather or _no_gather
-    parents = {id(m): model.get_submodule(n.rpartition(".")[0]) for n, m in reslora_modules(model)}
-    out = []
-    for m in mods:
-        proj = parents[id(m)]
-        with gather([proj.weight, m.lora_A.weight, m.lora_B.weight]):
-            W = proj.weight if isinstance(proj, nn.Linear) else proj.weight.T
-            W = W if m.out_slice is None else m.out_slice.rows(W)
-            merged = W.float() + m.scaling * (m.lora_B.weight.float() @ m.lora_A.weight.float())
-            out.append(merged.norm().double())
-    return torch.stack(out)
-
-
-def save_reslora_stats(model: nn.Module, directory) -> Path:
-    """The window means each module merges with, as JSON beside an adapter."""
-    path = Path(directory) / STATS_NAME
-    path.parent.mkdir(parents=True, exist_ok=True)
-    stats = {n: (None if m.stats is None else dict(zip(STAT_FIELDS, m.stats))) for n, m in reslora_modules(model)}
-    path.write_text(json.dumps(stats, indent=1) + "\n")
-    return path
-
-
-def load_reslora_stats(model: nn.Module, directory) -> nn.Module:
-    """Restore what `save_reslora_stats` wrote, so `delta_weight` merges as after training. A
-    checkpoint tag holds no such file: there the window in its run_state.json is used."""
-    directory = Path(directory)
-    if not (directory / STATS_NAME).is_file() and (directory / "run_state.json").is_file():
-        window = ResLoRAStats()
-        window.load_state_dict(json.loads((directory / "run_state.json").read_text())["callbacks"]["reslora"])
-        window.push_to(model)
-        return model
-    stats = json.loads((directory / STATS_NAME).read_text())
-    for name, m in reslora_modules(model):
-        if name not in stats:
-            raise ValueError(f"{Path(directory) / STATS_NAME} has no statistics for {name}")
-        row = stats[name]
-        m.stats = None if row is None else tuple(float(row[f]) if row[f] is not None else math.nan
-                                                 for f in STAT_FIELDS)
-    return model
-
-
-# ---------------------------------------------------------------------- approximation error
-
-
-@torch.no_grad()
-def merge_report(model: nn.Module, batches, task: str, reduce=lambda t: t, rank: int = 0, world: int = 1,
-                 gather=_no_gather) -> dict:
-    """The training-time graph against the merged model on held-out `batches`: logits difference
-    (max abs, relative Frobenius) over scored positions, and both models' metric. `reduce` sums over
-    ranks (each rank passes its own shard). The frozen weights are only read."""
-    from ..data import model_inputs
-    from ..evaluation import scored_labels, summed_loss  # the recipe's own loss and targets
-
-    was_training = model.training
-    model.eval()
-    device = next(p for p in model.parameters() if p.requires_grad).device
-    totals = torch.zeros(7, dtype=torch.float64, device=device)  # sq diff, sq ref, loss x2, count, correct x2
-    max_abs = torch.zeros(world, dtype=torch.float64, device=device)
-    for batch in batches:
-        batch = {k: v.to(device) for k, v in batch.items()}
-        inputs = model_inputs(batch)
-        ref = model(**inputs).logits.float()
-        with merged_view(model, gather):
-            merged = model(**inputs).logits.float()
-        labels = scored_labels(batch, task)
-        if task in ("classification", "regression"):
-            keep = batch["valid"].bool()
-        else:
-            keep = batch.get("attention_mask", torch.ones_like(batch["input_ids"])).bool() & batch["valid"].bool()[:, None]
-        diff = (merged - ref)[keep]
-        max_abs[rank] = torch.maximum(max_abs[rank], diff.abs().max() if diff.numel() else max_abs[rank])
-        stats = [diff.double().pow(2).sum(), ref[keep].double().pow(2).sum(),
-                 summed_loss(ref, labels, task).double(), summed_loss(merged, labels, task).double(),
-                 (labels != -100).sum().double()]
-        if task == "classification":
-            stats += [(ref.argmax(-1) == labels).sum().double(), (merged.argmax(-1) == labels).sum().double()]
-        else:
-            stats += [torch.zeros((), dtype=torch.float64, device=device)] * 2
-        totals += torch.stack(stats)
-    totals, max_abs = reduce(totals), reduce(max_abs)
-    if was_training:
-        model.train()
-    t = totals.tolist()
-    n = max(t[4], 1.0)
-    report = {"max_abs_logit_diff": float(max_abs.max()), "rel_logit_diff": math.sqrt(t[0] / max(t[1], 1e-300)),
-              "loss_train_graph": t[2] / n, "loss_merged": t[3] / n}
-    if task == "classification":
-        report.update(accuracy_train_graph=t[5] / n, accuracy_merged=t[6] / n)
-    elif task != "regression":
-        report.update(perplexity_train_graph=math.exp(min(t[2] / n, 50.0)),
-                      perplexity_merged=math.exp(min(t[3] / n, 50.0)))
-    return report
-
-
-# ---------------------------------------------------------------------- training callback
-
-
-class ResLoRACallback(Callback):
-    """Merge statistics during training, and the merge's approximation error at the end."""
-
-    name = "reslora"
-
-    def __init__(self, window: int = WINDOW):
-        self.stats = ResLoRAStats(window)
-
-    def state_dict(self) -> dict:
-        return self.stats.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.stats.load_state_dict(state)
-
-    def configure_model(self, model):
-        self.stats.push_to(model)  # restored window (resume) or none
-        return model
-
-    def on_step_end(self, run) -> None:
-        from .. import engine as ds
-
-        self.stats.step(run.engine.module, reduce=ds.all_reduce_sum, gather=ds.gathered)
-
-    def on_train_end(self, run) -> None:
-        from .. import engine as ds
-        from ..data import eval_loader, prepare_data
-        from ..train import load_tokenizer
-
-        cfg, model = run.cfg, run.engine.module
-        data = prepare_data(cfg, load_tokenizer(cfg.model))
-        batches = eval_loader(data.eval, data.collator, cfg.micro_batch_size, run.rank, run.world)
-        configured = cfg.adapter.resolved_merge_rule
-        mods = [m for _, m in reslora_modules(model)]
-        # every rule of the variant, the configured one last (it is what the modules keep)
-        rules = [r for r in RESLORA_MERGE_RULES[cfg.adapter.reslora_variant] if r != configured] + [configured]
-        for rule in rules:
-            for m in mods:
-                m.merge_rule = rule
-            try:
-                report = merge_report(model, batches, cfg.task, ds.all_reduce_sum, run.rank, run.world, ds.gathered)
-            except RuntimeError as e:  # e.g. no statistics: a run with no complete step
-                log.warning("ResLoRA merge %r not evaluated: %s", rule, e)
-                continue
-            report.update(merge_rule=rule, configured=rule == configured)
-            run.metrics.write(run.step, "reslora_merge", report)
-            if run.rank == 0:
-                log.info("ResLoRA merge (%s): relative logit difference %.3g, max %.3g", rule,
-                         report["rel_logit_diff"], report["max_abs_logit_diff"])
-        if run.rank == 0:  # beside the adapter and the final checkpoint's adapter, both written next
-            save_reslora_stats(model, run.output_dir / "adapter")
-            save_reslora_stats(model, run.output_dir / "checkpoints" / f"step_{run.step}")

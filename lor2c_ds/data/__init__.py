@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import TrainConfig
+from . import cache
 from .loaders import (Collator, EpochSampler, StreamShard, eval_loader, model_inputs, stream_loader,  # noqa: F401
                       train_loader)
 from .sources import DataError, load_splits, require_columns  # noqa: F401
@@ -78,47 +79,69 @@ def _screen(ds, raw, name: str, path: str, on_bad_rows: str) -> tuple[object, di
 
 
 def prepare_data(cfg: TrainConfig, tokenizer, all_ranks: bool = True) -> PreparedData:
-    """Every split read, encoded and screened. `all_ranks`: every rank of a process group calls this
-    (rank 0 goes first); False when one rank calls it alone (an export on rank 0)."""
-    data, task = cfg.data, cfg.task
+    """Every split read, encoded and screened: built once per data fingerprint (`cache`) and read back
+    by every later call, rank and pass. A streamed training split is encoded lazily, row by row, and
+    not cached; its held-out splits are prepared here (rank 0 first, `all_ranks`: every rank of a process
+    group calls this; False when one rank calls it alone, an export on rank 0)."""
+    if not cfg.data.streaming:
+        splits, meta, _ = cache.prepared(cfg, tokenizer, lambda: _meta(*_build(cfg, tokenizer)))
+        _log_report(meta["report"], cfg.data.max_length)
+        return PreparedData(splits["train"], splits["eval"], splits["test"], Collator(tokenizer, cfg.task),
+                            meta["label_names"], meta["report"])
     with _rank_zero_first(all_ranks):
-        splits = load_splits(data, cfg.seed)
-        required = {"classification": [data.text_field, data.label_field], "regression": [data.text_field,
-                    data.label_field], "causal_lm": [data.text_field], "chat": []}[task]
-        if data.text_pair_field and task in ("classification", "regression"):
-            required.append(data.text_pair_field)
-        for name, ds in splits.items():
-            if ds is not None and required:
-                require_columns(ds, required, f"the {name} split ({_path_of(data, name)})")
-        if task == "chat":
-            _require_chat_columns(splits, data)
-        labels = label_map(splits["train"], data, data.path) if task == "classification" else None
-        encoder = Encoder(tokenizer, data, task, labels)
-        prepared, report = {}, {}
-        for name, ds in splits.items():
-            if ds is None:
-                prepared[name] = None
-                continue
-            if name == "train" and data.streaming:
-                prepared[name] = ds.encoded(encoder)  # encoded lazily, a rank its own rows; bad ones become filler
-                continue
-            try:
-                encoded = _encode(ds, encoder)
-            except DataError as e:
-                raise DataError(f"{name} split ({_path_of(data, name)}): {e}") from None
-            prepared[name], report[name] = _screen(encoded, ds, name, _path_of(data, name), data.on_bad_rows)
-            if data.packing:
-                pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-                docs = len(prepared[name])
-                prepared[name] = prepared[name].map(pack, batched=True, batch_size=1000, fn_kwargs={
-                    "max_length": data.max_length, "pad_id": pad}, remove_columns=prepared[name].column_names)
-                report[name]["packed_rows"], report[name]["documents"] = len(prepared[name]), docs
+        prepared, names, report = _build(cfg, tokenizer)
+    _log_report(report, cfg.data.max_length)
+    return PreparedData(prepared["train"], prepared["eval"], prepared["test"], Collator(tokenizer, cfg.task), names,
+                        report)
+
+
+def _meta(prepared: dict, names, report: dict) -> tuple[dict, dict]:
+    return prepared, {"label_names": names, "report": report}
+
+
+def _build(cfg: TrainConfig, tokenizer) -> tuple[dict, list | None, dict]:
+    """(the prepared splits, the label names, the data report)."""
+    data, task = cfg.data, cfg.task
+    splits = load_splits(data, cfg.seed)
+    required = {"classification": [data.text_field, data.label_field], "regression": [data.text_field,
+                data.label_field], "causal_lm": [data.text_field], "chat": []}[task]
+    if data.text_pair_field and task in ("classification", "regression"):
+        required.append(data.text_pair_field)
+    for name, ds in splits.items():
+        if ds is not None and required:
+            require_columns(ds, required, f"the {name} split ({_path_of(data, name)})")
+    if task == "chat":
+        _require_chat_columns(splits, data)
+    labels = label_map(splits["train"], data, data.path) if task == "classification" else None
+    encoder = Encoder(tokenizer, data, task, labels)
+    prepared, report = {}, {}
+    for name, ds in splits.items():
+        if ds is None:
+            prepared[name] = None
+            continue
+        if name == "train" and data.streaming:
+            prepared[name] = ds.encoded(encoder)  # encoded lazily, a rank its own rows; bad ones become filler
+            continue
+        try:
+            encoded = _encode(ds, encoder)
+        except DataError as e:
+            raise DataError(f"{name} split ({_path_of(data, name)}): {e}") from None
+        prepared[name], report[name] = _screen(encoded, ds, name, _path_of(data, name), data.on_bad_rows)
+        if data.packing:
+            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+            docs = len(prepared[name])
+            prepared[name] = prepared[name].map(pack, batched=True, batch_size=1000, fn_kwargs={
+                "max_length": data.max_length, "pad_id": pad}, remove_columns=prepared[name].column_names)
+            report[name]["packed_rows"], report[name]["documents"] = len(prepared[name]), docs
+    names = sorted(labels, key=labels.get) if labels else None
+    return prepared, names, report
+
+
+def _log_report(report: dict, max_length: int) -> None:
     for name, values in report.items():
         if values["skipped"] or values["truncated"]:
             log.warning("%s split: %d rows, skipped %s, %d truncated to max_length %d", name, values["rows"],
-                        values["skipped"] or "none", values["truncated"], data.max_length)
-    names = sorted(labels, key=labels.get) if labels else None
-    return PreparedData(prepared["train"], prepared["eval"], prepared["test"], Collator(tokenizer, task), names, report)
+                        values["skipped"] or "none", values["truncated"], max_length)
 
 
 def _path_of(data, split: str) -> str:

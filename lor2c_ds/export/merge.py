@@ -95,7 +95,7 @@ def _load_side_state(model: nn.Module, adapter_dir: Path) -> None:
     has_window = (adapter_dir / "run_state.json").is_file() and "reslora" in json.loads(
         (adapter_dir / "run_state.json").read_text()).get("callbacks", {})
     if (adapter_dir / "reslora_stats.json").is_file() or has_window:
-        from ..adapters.reslora import load_reslora_stats
+        from ..reslora_training import load_reslora_stats
 
         load_reslora_stats(model, adapter_dir)
 
@@ -464,21 +464,3 @@ def export(checkpoint: str | os.PathLike, base: str | os.PathLike, out: str | os
         raise
     log.info("export written to %s", out)
     return report
-
-
-def export_run_checkpoint(cfg, tag_dir: Path, rank: int) -> None:
-    """Training's merge-on-save: rank 0 exports `tag_dir` to output_dir/export (replacing the previous
-    one) while the other ranks wait; a failure is raised on rank 0 after the barrier."""
-    import torch.distributed as dist
-
-    error = None
-    if rank == 0:
-        try:
-            export(tag_dir, cfg.model, Path(cfg.output_dir) / "export", dtype=cfg.export_dtype, overwrite=True,
-                   train_config=cfg)
-        except Exception as e:  # noqa: BLE001 - re-raised below, once every rank is past the barrier
-            error = e
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-    if error is not None:
-        raise error

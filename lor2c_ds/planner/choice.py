@@ -106,8 +106,8 @@ def recommend(plan: dict, f: ModelFacts, work: Workload, cluster: Cluster) -> di
                        f"{others[0][0]:.2f} s per step)")
     reasons += _layout_reasons(plan, f, work, cluster, layout, ckpt, options)
     if layout == "hpz":
-        reasons.append(f"ds_configs/zero3_hpz.json: set zero_hpz_partition_size to {cluster.gpus_per_node} "
-                       "(the GPUs per node)")
+        reasons.append(f"ds_configs/zero3_hpz.json: zero_hpz_partition_size \"auto\" resolves to the ranks per node "
+                       f"({cluster.gpus_per_node} here) when the engine starts")
     total = layouts[layout]["fixed_bytes"] + activation_bytes(f, work, layout != "zero2", ckpt, m)["total"]
     return {"layout": layout, "activation_checkpointing": ckpt, "micro_batch": m, "gradient_accumulation": B // m,
             "total_bytes": total, "usable_bytes": usable, "step_s_no_overlap": step, "reasons": reasons,

@@ -49,13 +49,8 @@ def layout_plan(f: ModelFacts, work: Workload, cluster: Cluster, layout: str, ze
         comm.append(_collective("gradient all-reduce", "all_reduce", a * sum(T), *tgroup, cluster))
     if layout == "mics" and N > 1:
         comm.append(_collective("MiCS gradient all-reduce", "all_reduce", a * _shard(T, G), N, 1, cluster))
-    stats = [ad for ad in f.adapters if ad["kind"] == "reslora" and ad.get("variant") == "is"]
-    if zero3 and stats:  # ResLoRA-is statistics: ||W + s B A|| gathers each adapted weight, every step
-        tensors = [ad["d_in"] * ad["d_out"] for ad in stats]
-        if W > 1:  # with more than one rank the logger also sees A and B in that gather (measured)
-            tensors += [ad["r"] * ad[d] for ad in stats for d in ("d_in", "d_out")]
-        comm.append(_collective("ResLoRA-is weight-norm all-gather", "all_gather", a * _shard(tensors, W),
-                                *group, cluster, logged_alone=True))
+    # ResLoRA's statistics gather no weight: ||W + s B A|| (the is variant's weights rule) is summed from each
+    # rank's partition into the statistics' one all-reduce of a few scalars per module (not modelled)
     comm.append(_collective("adapter all-gather after the step", "all_gather",
                             a * (_shard(T, shard) if zero3 else -(-sum(T) // W)), *tgroup, cluster))
     comm = [c for c in comm if c is not None]

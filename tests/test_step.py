@@ -1,0 +1,126 @@
+"""The training step: the chunked token loss equals the whole-vocabulary loss (values and gradients)
+without holding a full fp32 copy of the logits, and `train_step` syncs with the host once per step."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lor2c_ds import train
+from lor2c_ds.evaluation import summed_loss
+
+
+def reference_loss(logits, labels):  # the loss before chunking: one fp32 copy of every logit
+    return F.cross_entropy(logits[:, :-1].float().flatten(0, -2), labels.flatten(), ignore_index=-100,
+                           reduction="sum")
+
+
+def make(dtype, batch=3, seq=11, vocab=97, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = (3 * torch.randn(batch, seq, vocab, generator=g)).to(dtype).requires_grad_(True)
+    labels = torch.randint(0, vocab, (batch, seq - 1), generator=g)
+    labels[0, :4] = -100  # prompt / padding positions
+    labels[2, -3:] = -100
+    return logits, labels
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk", [1, 97 * 3 * 2, 97 * 3 * 4 + 5, 1 << 24])  # one position, several, all
+def test_chunked_loss_equals_the_whole_vocabulary_loss(dtype, chunk):
+    logits, labels = make(dtype)
+    want = reference_loss(logits, labels)
+    (want_grad,) = torch.autograd.grad(want, logits)
+    got = summed_loss(logits, labels, "causal_lm", chunk_elements=chunk)
+    (got_grad,) = torch.autograd.grad(got, logits)
+    assert got.dtype == torch.float32
+    assert abs(got.item() - want.item()) <= 1e-6 * abs(want.item())
+    if dtype == torch.float32:
+        torch.testing.assert_close(got_grad, want_grad, rtol=1e-6, atol=1e-7)
+    else:  # bf16 gradients: rounded once either way
+        torch.testing.assert_close(got_grad.float(), want_grad.float(), rtol=0, atol=0)
+    with torch.no_grad():
+        assert summed_loss(logits, labels, "causal_lm", chunk_elements=chunk).item() == pytest.approx(
+            want.item(), rel=1e-6)
+
+
+def test_chunked_loss_saves_no_full_fp32_copy_of_the_logits():
+    """What autograd keeps for backward: the bf16 logits (views), never an fp32 tensor of their size."""
+    logits, labels = make(torch.bfloat16, batch=4, seq=33, vocab=501)
+    saved = []
+
+    def pack(t):
+        saved.append((t.dtype, t.numel()))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        reference_loss(logits, labels)
+    assert any(d == torch.float32 and n >= logits[:, :-1].numel() for d, n in saved)  # the hook sees it
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = summed_loss(logits, labels, "causal_lm", chunk_elements=4 * 501 * 4)
+    big_fp32 = [n for d, n in saved if d == torch.float32 and n > 4 * 501 * 4]
+    assert not big_fp32, big_fp32
+    loss.backward()
+    assert logits.grad is not None and logits.grad.abs().sum() > 0
+
+
+class FakeEngine:
+    """DeepSpeed's engine surface that train_step uses, on a tiny model, single process."""
+
+    def __init__(self, vocab=50):
+        torch.manual_seed(0)
+        self.device = torch.device("cpu")
+        self.emb = torch.nn.Embedding(vocab, 16)
+        self.head = torch.nn.Linear(16, vocab)
+        self.params = [*self.emb.parameters(), *self.head.parameters()]
+        self.opt = torch.optim.SGD(self.params, lr=0.1)
+
+    def __call__(self, input_ids, attention_mask=None, **_):
+        return type("Out", (), {"logits": self.head(self.emb(input_ids))})()
+
+    def backward(self, loss):
+        loss.backward()
+
+    def step(self):
+        self.opt.step()
+        self.opt.zero_grad()
+
+    def get_lr(self):
+        return [0.1]
+
+    def get_global_grad_norm(self):
+        return torch.linalg.vector_norm(torch.stack([p.detach().norm() for p in self.params]))
+
+
+def test_train_step_syncs_with_the_host_once(monkeypatch):
+    """Every tensor -> Python conversion that lor2c_ds/train.py makes during one step is counted."""
+    monkeypatch.setattr(train.ds, "all_reduce_sum", lambda t: t)  # one process: the sum over ranks is itself
+    engine = FakeEngine()
+    g = torch.Generator().manual_seed(1)
+    micro = []
+    for _ in range(4):  # four accumulation micro-batches
+        ids = torch.randint(0, 50, (2, 9), generator=g)
+        micro.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone(),
+                      "valid": torch.ones(2)})
+    syncs = []
+    originals = {name: getattr(torch.Tensor, name) for name in ("item", "tolist", "__bool__", "__float__",
+                                                                "__int__", "cpu", "numpy")}
+
+    def counting(name):
+        def call(self, *args, **kwargs):
+            import sys
+            caller = sys._getframe(1).f_code.co_filename
+            if caller == train.__file__:
+                syncs.append(name)
+            return originals[name](self, *args, **kwargs)
+        return call
+
+    for name in originals:
+        monkeypatch.setattr(torch.Tensor, name, counting(name))
+    values = train.train_step(engine, micro, "causal_lm", world=1)
+    for name, fn in originals.items():
+        monkeypatch.setattr(torch.Tensor, name, fn)
+    assert syncs == ["tolist"], syncs
+    assert set(values) == {"loss", "lr", "grad_norm", "tokens"}
+    assert all(isinstance(v, float) for v in values.values())
+    assert values["tokens"] == 4 * 2 * 9 and values["loss"] > 0 and values["grad_norm"] > 0
