@@ -36,7 +36,7 @@ class Case:
 GOOD_CSV = "text,label\n" + "".join(f"a good movie {i},1\nthe plot was bad {i},0\n" for i in range(6))
 
 CASES = [
-    Case("unknown_method", "unknown adapter method 'lor3c'", {}, overrides=("adapter.method=lor3c",)),
+    Case("unknown_method", "unknown adapter.method 'lor3c'", {}, overrides=("adapter.method=lor3c",)),
     Case("unknown_config_key", "unknown config key(s) ['learning_rate']", {"learning_rate": 0.1}),
     Case("r_zero", "adapter.r must be a positive integer, got 0", {"adapter": {"r": 0}}),
     Case("r_larger_than_hidden", "adapter.r=64 is larger than the model's hidden size 32", {"adapter": {"r": 64}}),
