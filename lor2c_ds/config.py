@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,6 +143,11 @@ class TrainConfig:
             raise ConfigError(f"global_batch_size={self.global_batch_size} is not a multiple of "
                               f"micro_batch_size x ranks = {self.micro_batch_size} x {world_size}")
         return self.global_batch_size // per_step
+
+    def schedule_steps(self, train_rows: int | None) -> tuple[int, int]:
+        """(optimizer steps per epoch, total steps) for `train_rows` rows; None: a stream (one endless epoch)."""
+        per_epoch = self.max_steps if train_rows is None else math.ceil(train_rows / self.global_batch_size)
+        return per_epoch, self.max_steps or per_epoch * self.epochs
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
