@@ -16,6 +16,9 @@ log = logging.getLogger("lor2c_ds.preflight")
 PATH_FIELDS = {"model": "directory", "data.path": "file or directory", "data.eval_path": "file or directory",
                "data.test_path": "file or directory", "data.chat_template": "file",
                "eval.multiple_choice_path": "file", "eval.generation_path": "file"}
+# A tokenizer's vocabulary is in one of these (transformers builds an empty one when none is there).
+VOCAB_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model",
+               "sentencepiece.bpe.model")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
 
@@ -114,12 +117,12 @@ def load_tokenizer_checked(model_dir: Path):
     """The tokenizer as the ranks load it; says once (here) when it has no pad token."""
     from transformers import AutoTokenizer
 
+    if not any((model_dir / name).is_file() for name in VOCAB_FILES):
+        raise ConfigError(f"model: {model_dir} has no tokenizer (looked for {', '.join(VOCAB_FILES)})")
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except Exception as e:
         raise ConfigError(f"model: {model_dir} has no usable tokenizer ({_first_line(e)})") from None
-    if tokenizer is None or not callable(tokenizer):
-        raise ConfigError(f"model: {model_dir} has no tokenizer files (tokenizer.json, vocab, tokenizer_config.json)")
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ConfigError(f"model: the tokenizer in {model_dir} has neither a pad nor an eos token to pad with")

@@ -211,7 +211,7 @@ def _expand_paths(cfg: TrainConfig) -> None:
     from .assets import default_home
 
     os.environ.setdefault("LOR2C_DS_HOME", str(default_home()))  # recipes name the asset cache by it
-    expand = lambda p: os.path.expandvars(os.path.expanduser(p)) if p else p  # noqa: E731
+    expand = lambda p: os.path.expandvars(os.path.expanduser(p)) if isinstance(p, str) and p else p  # noqa: E731
     cfg.model = expand(cfg.model)
     cfg.output_dir = expand(cfg.output_dir)
     cfg.data.path = expand(cfg.data.path)

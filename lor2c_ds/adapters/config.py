@@ -36,6 +36,8 @@ class Bound:
             return f"a {'positive' if self.low_open else 'non-negative'} {kind}"
         if self.high is None and self.low == 1 and integer and not self.low_open:
             return "a positive integer"
+        if self.high is None:
+            return f"{'an integer' if integer else 'a number'} {'>' if self.low_open else '>='} {self.low}"
         interval = f"{'(' if self.low_open else '['}{self.low}, {self.high}{')' if self.high_open else ']'}"
         return f"an integer in {interval}" if integer else f"in {interval}"
 
