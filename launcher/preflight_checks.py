@@ -56,15 +56,30 @@ def check_paths(cfg) -> None:
         raise ConfigError(f"output_dir: {out} cannot be created or written: {parent} is not a writable directory")
 
 
-def read_model_config(model_dir: Path):
+def read_model_config(model_dir: Path, field: str = "model"):
     from transformers import AutoConfig
 
     if not (model_dir / "config.json").is_file():
-        raise ConfigError(f"model: directory {model_dir} has no config.json")
+        raise ConfigError(f"{field}: directory {model_dir} has no config.json")
     try:
         return AutoConfig.from_pretrained(model_dir)
     except Exception as e:  # a broken config.json: say which file and why, in one line
-        raise ConfigError(f"model: {model_dir / 'config.json'} cannot be read ({_first_line(e)})") from None
+        raise ConfigError(f"{field}: {model_dir / 'config.json'} cannot be read ({_first_line(e)})") from None
+
+
+def has_vocabulary(model_dir: Path) -> bool:
+    return any((Path(model_dir) / name).is_file() for name in VOCAB_FILES)
+
+
+def check_model_dir(model_dir: Path, field: str, tokenizer: bool = True) -> None:
+    """For the other tools (lor2c-eval --model, lor2c-export --base, lor2c-bench --model): a model
+    directory with a readable config, complete weights and (with `tokenizer`) a tokenizer vocabulary."""
+    if not model_dir.is_dir():
+        raise ConfigError(f"{field}: directory {model_dir} does not exist")
+    read_model_config(model_dir, field)
+    check_weights(model_dir, field)
+    if tokenizer and not has_vocabulary(model_dir):
+        raise ConfigError(f"{field}: {model_dir} has no tokenizer (looked for {', '.join(VOCAB_FILES)})")
 
 
 def _safetensors_problem(path: Path) -> str | None:
@@ -88,36 +103,36 @@ def _safetensors_problem(path: Path) -> str | None:
     return None
 
 
-def check_weights(model_dir: Path) -> None:
+def check_weights(model_dir: Path, field: str = "model") -> None:
     """Weights are present; every safetensors file (and every shard an index names) has a readable,
     complete header."""
     present = [name for name in WEIGHT_FILES if (model_dir / name).is_file()]
     if not present:
-        raise ConfigError(f"model: {model_dir} holds no weights (looked for {', '.join(WEIGHT_FILES)})")
+        raise ConfigError(f"{field}: {model_dir} holds no weights (looked for {', '.join(WEIGHT_FILES)})")
     files = []
     for name in present:
         if name.endswith(".index.json"):
             try:
                 shards = sorted(set(json.loads((model_dir / name).read_text())["weight_map"].values()))
             except (OSError, ValueError, KeyError, AttributeError) as e:
-                raise ConfigError(f"model: {model_dir / name} is not a readable weight index ({_first_line(e)})") from None
+                raise ConfigError(f"{field}: {model_dir / name} is not a readable weight index ({_first_line(e)})") from None
             missing = [s for s in shards if not (model_dir / s).is_file()]
             if missing:
-                raise ConfigError(f"model: {model_dir / name} names shard(s) {missing} that are missing")
+                raise ConfigError(f"{field}: {model_dir / name} names shard(s) {missing} that are missing")
             files += [model_dir / s for s in shards]
         else:
             files.append(model_dir / name)
     for path in files:
         problem = _safetensors_problem(path) if path.suffix == ".safetensors" else None
         if problem:
-            raise ConfigError(f"model: weights file {path} is damaged: {problem}")
+            raise ConfigError(f"{field}: weights file {path} is damaged: {problem}")
 
 
 def load_tokenizer_checked(model_dir: Path):
     """The tokenizer as the ranks load it; says once (here) when it has no pad token."""
     from transformers import AutoTokenizer
 
-    if not any((model_dir / name).is_file() for name in VOCAB_FILES):
+    if not has_vocabulary(model_dir):
         raise ConfigError(f"model: {model_dir} has no tokenizer (looked for {', '.join(VOCAB_FILES)})")
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)

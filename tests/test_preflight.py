@@ -13,20 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from test_bad_recipes import _check, _recipe, _snapshot, in_process  # noqa: F401 (in_process: a fixture)
-from test_cli_errors import GOOD_CSV, KEEP_NAME, KEEP_TEXT, _tiny_model_dir
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("preflight")
-    model_dir = _tiny_model_dir(root)
-    (root / "train.csv").write_text(GOOD_CSV)
-    return root, model_dir
+from test_bad_recipes import _check, _recipe, _snapshot, assets, in_process  # noqa: F401 (fixtures)
+from test_cli_errors import KEEP_NAME, KEEP_TEXT
 
 
 @pytest.fixture
-def case(assets, tmp_path, in_process, capsys):  # noqa: F811
+def case(assets, tmp_path, in_process, capsys):  # noqa: F811 (fixtures)
     """case(recipe changes, expected text, env=...) -> the error line, after the common checks."""
     root, model_dir = assets
 
