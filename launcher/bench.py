@@ -103,14 +103,6 @@ def check_args(args) -> list[str]:
         raise BenchError(f"{PEFT} needs peft and accelerate: pip install -e '.[bench]'")
     if not (Path(args.model) / "config.json").is_file():
         raise BenchError(f"model directory {args.model} does not exist or has no config.json")
-    from lor2c_ds.adapters.config import ConfigError
-
-    from .preflight_checks import check_model_dir
-
-    try:
-        check_model_dir(Path(args.model), "--model")  # complete weights and a tokenizer
-    except ConfigError as e:
-        raise BenchError(str(e)) from None
     if not args.ranks or min(args.ranks) < 1 or not args.zero or not set(args.zero) <= set(ZERO_CONFIGS):
         raise BenchError(f"--ranks must be positive and --zero among {sorted(ZERO_CONFIGS)}")
     for key in ("r", "seq", "micro_batch", "steps", "rounds", "comm_steps"):
@@ -121,6 +113,14 @@ def check_args(args) -> list[str]:
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not args.overwrite)):
         raise BenchError(f"--out {out} exists and is not an empty directory (add --overwrite)")
+    from lor2c_ds.adapters.config import ConfigError
+
+    from .preflight_checks import check_model_dir
+
+    try:
+        check_model_dir(Path(args.model), "--model")  # complete weights and a tokenizer
+    except ConfigError as e:
+        raise BenchError(str(e)) from None
     return methods
 
 
