@@ -71,9 +71,9 @@ def _recipe(args):
         return load_config(path, args.overrides), adapter_dir
     if not (Path(args.model) / "config.json").is_file():
         raise EvalInputError(f"model directory {args.model} does not exist or has no config.json")
-    from .preflight_checks import check_model_dir
+    from .preflight_checks import check_weights
 
-    check_model_dir(Path(args.model), "--model", tokenizer=False)  # complete weights; the tokenizer may be the base's
+    check_weights(Path(args.model), "--model")  # complete weights (an export may carry its own model code)
     if args.config:
         return load_config(args.config, args.overrides), None
     report = Path(args.model) / "export_report.json"
