@@ -118,7 +118,7 @@ def check_args(args) -> list[str]:
     from .preflight_checks import check_model_dir
 
     try:
-        check_model_dir(Path(args.model), "--model")  # complete weights and a tokenizer
+        check_model_dir(Path(args.model), "--model")  # a readable config, complete weights
     except ConfigError as e:
         raise BenchError(str(e)) from None
     return methods

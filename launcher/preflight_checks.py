@@ -71,15 +71,13 @@ def has_vocabulary(model_dir: Path) -> bool:
     return any((Path(model_dir) / name).is_file() for name in VOCAB_FILES)
 
 
-def check_model_dir(model_dir: Path, field: str, tokenizer: bool = True) -> None:
-    """For the other tools (lor2c-eval --model, lor2c-export --base, lor2c-bench --model): a model
-    directory with a readable config, complete weights and (with `tokenizer`) a tokenizer vocabulary."""
+def check_model_dir(model_dir: Path, field: str) -> None:
+    """For the other tools (lor2c-export --base, lor2c-bench --model): a model directory with a
+    readable config and complete weights."""
     if not model_dir.is_dir():
         raise ConfigError(f"{field}: directory {model_dir} does not exist")
     read_model_config(model_dir, field)
     check_weights(model_dir, field)
-    if tokenizer and not has_vocabulary(model_dir):
-        raise ConfigError(f"{field}: {model_dir} has no tokenizer (looked for {', '.join(VOCAB_FILES)})")
 
 
 def _safetensors_problem(path: Path) -> str | None:

@@ -278,3 +278,25 @@ def test_warnings_said_once(assets, tmp_path, caplog):
     assert sum("has no pad token" in m for m in said) == 1, said
     assert sum("adapter.r=3 is odd" in m for m in said) == 1, said
     assert sum("truncated to max_length 3" in m for m in said) == 2, said  # one line per split (train, eval)
+
+
+# -- the other tools' model directories ----------------------------------------------------------------
+
+@pytest.mark.parametrize("tool", ["export", "eval", "bench"])
+def test_other_tools_refuse_truncated_weights(assets, tmp_path, capsys, tool):
+    import importlib
+
+    model = _model_copy(assets[1], tmp_path / "m")
+    data = (model / "model.safetensors").read_bytes()
+    (model / "model.safetensors").write_bytes(data[:-10])
+    out = tmp_path / "o"
+    argv = {"export": ["--checkpoint", str(tmp_path / "run"), "--base", str(model), "--out", str(out)],
+            "eval": ["--model", str(model), "--out", str(out / "metrics.json")],
+            "bench": ["--model", str(model), "--out", str(out), "--methods", "lor2c"]}[tool]
+    logging.root.handlers.clear()
+    rc = importlib.import_module(f"launcher.{tool}").main(argv)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, err
+    assert err.startswith(f"lor2c-{tool}: error: ") and "\n" not in err, err
+    assert "is damaged: truncated" in err and ("--base" if tool == "export" else "--model") in err, err
+    assert not out.exists()
