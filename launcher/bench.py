@@ -115,6 +115,14 @@ def check_args(args) -> list[str]:
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not args.overwrite)):
         raise BenchError(f"--out {out} exists and is not an empty directory (add --overwrite)")
+    from lor2c_ds.adapters.config import ConfigError
+
+    from .preflight_checks import check_model_dir
+
+    try:
+        check_model_dir(Path(args.model), "--model")  # a readable config, complete weights
+    except ConfigError as e:
+        raise BenchError(str(e)) from None
     return methods
 
 

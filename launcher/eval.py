@@ -71,6 +71,9 @@ def _recipe(args):
         return load_config(path, args.overrides), adapter_dir
     if not (Path(args.model) / "config.json").is_file():
         raise EvalInputError(f"model directory {args.model} does not exist or has no config.json")
+    from .preflight_checks import check_weights
+
+    check_weights(Path(args.model), "--model")  # complete weights (an export may carry its own model code)
     if args.config:
         return load_config(args.config, args.overrides), None
     report = Path(args.model) / "export_report.json"
@@ -138,9 +141,13 @@ def _load_model(args, cfg, adapter_dir, task: str, device: str):
 def _load_tokenizer(args, cfg):
     from transformers import AutoTokenizer
 
+    from .preflight_checks import has_vocabulary
+
     candidates = [args.model] if args.model else []
     candidates += [cfg.model] if cfg is not None else []
     for path in candidates:
+        if not has_vocabulary(path):  # transformers would build an empty tokenizer from the config alone
+            continue
         try:
             tokenizer = AutoTokenizer.from_pretrained(path)
         except (OSError, ValueError):

@@ -57,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
                    if not value]
         if missing:
             raise ExportError(f"{', '.join(missing)} required (or --config with a recipe that names them)")
+        if Path(base).is_dir() and (Path(base) / "config.json").is_file():
+            from .preflight_checks import check_model_dir
+
+            check_model_dir(Path(base), "--base")  # complete weights, before anything is written
         report = export(checkpoint, base, out, dtype=dtype, overwrite=args.overwrite,
                         max_shard_size=args.max_shard_size, parity_batches=args.parity_batches, train_config=cfg)
     except (ExportError, ConfigError, DataError, FileNotFoundError) as e:

@@ -32,23 +32,22 @@ def parse_args(argv: list[str] | None):
     return parser.parse_args(argv)
 
 
-def preflight(cfg) -> None:
-    """Every check that needs no process group: model, architecture, adapter fit, data, output dir."""
-    from transformers import AutoConfig
-
+def preflight(cfg, env=os.environ) -> None:
+    """Every check that needs no process group: paths, model files, architecture, adapter fit, DeepSpeed
+    JSON, world size and batch, data, event schedule, evaluation sets, output dir and resume checkpoint."""
+    from lor2c_ds import engine
     from lor2c_ds.adapters.config import ConfigError
     from lor2c_ds.checkpoint import latest_complete
     from lor2c_ds.config import model_kind
     from lor2c_ds.data import prepare_data
-    from lor2c_ds.evaluation import load_eval_sets, metric_names
-    from lor2c_ds.train import load_tokenizer
-    from lor2c_ds.engine import resolve_ds_config_path
+    from lor2c_ds.evaluation import EvalDataError, load_eval_sets, metric_names
     from lor2c_ds.registry import UnsupportedArchitectureError, check_adaptable
 
+    from . import preflight_checks as checks
+
+    checks.check_paths(cfg)
     model_dir = Path(cfg.model)
-    if not (model_dir / "config.json").is_file():
-        raise ConfigError(f"model directory {model_dir} does not exist or has no config.json")
-    model_config = AutoConfig.from_pretrained(model_dir)
+    model_config = checks.read_model_config(model_dir)
     try:
         check_adaptable(model_config, model_kind(cfg.task), cfg.adapter)  # block stack, targets, fused splits
     except UnsupportedArchitectureError as e:
@@ -58,9 +57,18 @@ def preflight(cfg) -> None:
         raise ConfigError(f"model {model_dir} has a classification head of {model_config.num_labels} labels, "
                           f"the recipe asks for num_labels={cfg.num_labels}; start from the base model instead")
     cfg.adapter.validate(num_blocks=model_config.num_hidden_layers, hidden=model_config.hidden_size)
-    resolve_ds_config_path(cfg.deepspeed)
-    prepare_data(cfg, load_tokenizer(cfg.model))  # every data error, before any rank starts
-    load_eval_sets(cfg.eval.multiple_choice_path, cfg.eval.generation_path, cfg.eval.max_examples)
+    checks.check_weights(model_dir)
+    checks.check_adapters_attach(cfg, model_config)
+    world, source = checks.planned_world_size(cfg, env)
+    checks.check_batch(cfg, world, source)
+    tokenizer = checks.load_tokenizer_checked(model_dir)
+    engine.build_ds_config(cfg, world, 1)  # the JSON and the keys the recipe owns; steps only shape the schedule
+    try:
+        load_eval_sets(cfg.eval.multiple_choice_path, cfg.eval.generation_path, cfg.eval.max_examples)
+    except EvalDataError as e:
+        field = "eval.multiple_choice_path" if cfg.eval.multiple_choice_path and cfg.eval.multiple_choice_path \
+            in str(e) else "eval.generation_path"
+        raise ConfigError(f"{field}: {e}") from None
     known = metric_names(cfg.task, bool(cfg.eval.multiple_choice_path), bool(cfg.eval.generation_path))
     if cfg.eval.best_metric and cfg.eval.best_metric not in known:
         raise ConfigError(f"eval.best_metric {cfg.eval.best_metric!r} is not reported for task {cfg.task}; "
@@ -72,6 +80,11 @@ def preflight(cfg) -> None:
         if not (cfg.resume and latest_complete(out / "checkpoints")):
             raise ConfigError(f"output_dir {out} is not empty and holds no complete checkpoint to resume from; "
                               "choose another or set overwrite_output_dir=true")
+    checks.check_resume(cfg)
+    data = prepare_data(cfg, tokenizer)  # every data error, before any rank starts
+    checks.check_lengths(cfg, model_config, data)
+    checks.check_labels(cfg, data)
+    checks.check_schedule(cfg, data)
 
 
 def free_port() -> int:
@@ -86,7 +99,8 @@ def spawn_local(nproc: int, argv: list[str], nodes: list[str] | None = None) -> 
     import signal
 
     nodes = nodes or ["--nnodes=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", *nodes, f"--nproc_per_node={nproc}",
+    # launcher.ranks: torch.distributed.run, without its own report of a failure the failing rank has told
+    cmd = [sys.executable, "-m", "launcher.ranks", *nodes, f"--nproc_per_node={nproc}",
            "-m", "launcher.train", *argv]
     env = dict(os.environ, **{PREFLIGHT_DONE: "1"})
     # torchrun starts each rank in a session of its own, so a signal sent to this process or its group
@@ -156,14 +170,20 @@ def worker(cfg) -> int:
     from lor2c_ds import engine, preemption
     from lor2c_ds.train import run
 
-    preemption.install()  # SIGUSR1/SIGTERM: stop at the next step boundary with a checkpoint
-    rank, world = engine.init_distributed()
-    # On an error the process exits at once, without the closing barrier: the other ranks may be
-    # blocked in a collective this rank never reaches, and torchrun/srun stop them when this one dies.
-    results = run(cfg, rank, world)
-    if rank == 0 and preemption.stopped_at() is None:
-        report(cfg, results)
-    engine.shutdown()
+    from .rank_failure import exit_after_failure
+
+    rank = int(os.environ.get("RANK", 0))
+    if rank != 0 or os.environ.get(PREFLIGHT_DONE):  # pre-flight has said the data warnings once
+        logging.getLogger("lor2c_ds.data").setLevel(logging.ERROR)
+    try:
+        preemption.install()  # SIGUSR1/SIGTERM: stop at the next step boundary with a checkpoint
+        rank, world = engine.init_distributed()
+        results = run(cfg, rank, world)
+        if rank == 0 and preemption.stopped_at() is None:
+            report(cfg, results)
+        engine.shutdown()
+    except Exception as e:  # one line from the first failing rank; the others leave quietly, at once
+        exit_after_failure(e, rank, cfg.output_dir)
     if preemption.stopped_at() is not None:
         return preemption.finish(rank, cfg.output_dir)  # rank 0 requeues a SLURM job
     return 0
@@ -198,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         if not os.environ.get(PREFLIGHT_DONE) and is_rank0:
             preflight(cfg)
+            os.environ[PREFLIGHT_DONE] = "1"  # this process's rank, if any, need not say its warnings again
     except (ConfigError, DataError) as e:
         print(f"lor2c-train: error: {e}", file=sys.stderr)
         return 2

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -9,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from .adapters.config import AdapterConfig, ConfigError
+from .adapters.config import NON_NEGATIVE, POSITIVE, POSITIVE_INT, AdapterConfig, Bound, ConfigError, check_fields
 
 # classification: a label per text (pair); regression: a float target (num_labels 1, MSE);
 # chat: prompt/response pairs or message lists, loss on the responses; causal_lm: plain text.
@@ -96,6 +97,9 @@ class TrainConfig:
     export_dtype: str | None = None  # fp32 | bf16 | fp16 for that export; None keeps the base's dtype
 
     def validate(self) -> None:
+        check_fields(self, "", TRAIN_BOUNDS)  # every field's type and range, from the annotations
+        check_fields(self.data, "data.", DATA_BOUNDS)
+        check_fields(self.eval, "eval.", EVAL_BOUNDS)
         if not self.model:
             raise ConfigError("model: a local model directory is required")
         if self.task not in TASKS:
@@ -103,6 +107,8 @@ class TrainConfig:
         if self.precision not in PRECISIONS:
             raise ConfigError(f"unknown precision {self.precision!r}; choose one of {list(PRECISIONS)} "
                               "(fp16 is not offered: bf16 trains without loss scaling)")
+        if not self.output_dir:
+            raise ConfigError("output_dir: a directory for the run's files is required")
         if not self.data.path:
             raise ConfigError("data.path: a local data file is required")
         if self.data.format not in DATA_FORMATS:
@@ -126,20 +132,6 @@ class TrainConfig:
             raise ConfigError(f"data.labels lists {len(self.data.labels)} labels but num_labels is {self.num_labels}")
         if self.eval.best_mode not in ("auto", "max", "min"):
             raise ConfigError(f"eval.best_mode must be auto, max or min, got {self.eval.best_mode!r}")
-        if not 0 < self.data.eval_fraction < 1:
-            raise ConfigError(f"data.eval_fraction must be in (0, 1), got {self.data.eval_fraction}")
-        for key in ("nproc", "global_batch_size", "micro_batch_size", "epochs", "log_every", "num_labels"):
-            value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"{key} must be a positive integer, got {value!r}")
-        if not isinstance(self.eval.max_new_tokens, int) or self.eval.max_new_tokens <= 0:
-            raise ConfigError(f"eval.max_new_tokens must be a positive integer, got {self.eval.max_new_tokens!r}")
-        for key in ("max_steps", "eval_every", "save_every", "keep_checkpoints"):
-            value = getattr(self, key)
-            if value is not None and (not isinstance(value, int) or value <= 0):
-                raise ConfigError(f"{key} must be a positive integer or null, got {value!r}")
-        if self.lr <= 0:
-            raise ConfigError(f"lr must be positive, got {self.lr}")
         if self.export_dtype not in (None, "fp32", "bf16", "fp16"):
             raise ConfigError(f"export_dtype must be fp32, bf16 or fp16 (or null), got {self.export_dtype!r}")
         self.adapter.validate()
@@ -152,8 +144,24 @@ class TrainConfig:
                               f"micro_batch_size x ranks = {self.micro_batch_size} x {world_size}")
         return self.global_batch_size // per_step
 
+    def schedule_steps(self, train_rows: int | None) -> tuple[int, int]:
+        """(optimizer steps per epoch, total steps) for `train_rows` rows; None: a stream (one endless epoch)."""
+        per_epoch = self.max_steps if train_rows is None else math.ceil(train_rows / self.global_batch_size)
+        return per_epoch, self.max_steps or per_epoch * self.epochs
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+# The numeric fields' ranges; check_fields applies them with each field's annotated type.
+TRAIN_BOUNDS = {"num_labels": POSITIVE_INT, "nproc": POSITIVE_INT, "seed": Bound(0, 2**32 - 1), "lr": POSITIVE,
+                "weight_decay": NON_NEGATIVE, "warmup_ratio": Bound(0, 1), "epochs": POSITIVE_INT,
+                "max_steps": POSITIVE_INT, "global_batch_size": POSITIVE_INT, "micro_batch_size": POSITIVE_INT,
+                "grad_clip": NON_NEGATIVE, "log_every": POSITIVE_INT, "eval_every": POSITIVE_INT,
+                "save_every": POSITIVE_INT, "keep_checkpoints": POSITIVE_INT}
+DATA_BOUNDS = {"eval_fraction": Bound(0, 1, low_open=True, high_open=True), "shuffle_buffer": POSITIVE_INT,
+               "max_length": Bound(2), "max_train_examples": POSITIVE_INT, "max_eval_examples": POSITIVE_INT}
+EVAL_BOUNDS = {"max_new_tokens": POSITIVE_INT, "max_examples": POSITIVE_INT}
 
 
 def _build(cls, raw: dict[str, Any], where: str):
@@ -203,7 +211,7 @@ def _expand_paths(cfg: TrainConfig) -> None:
     from .assets import default_home
 
     os.environ.setdefault("LOR2C_DS_HOME", str(default_home()))  # recipes name the asset cache by it
-    expand = lambda p: os.path.expandvars(os.path.expanduser(p)) if p else p  # noqa: E731
+    expand = lambda p: os.path.expandvars(os.path.expanduser(p)) if isinstance(p, str) and p else p  # noqa: E731
     cfg.model = expand(cfg.model)
     cfg.output_dir = expand(cfg.output_dir)
     cfg.data.path = expand(cfg.data.path)

@@ -52,6 +52,24 @@ def shutdown() -> None:
         torch.distributed.destroy_process_group()
 
 
+def first_to_fail(code: int) -> tuple[bool, int]:
+    """(whether this rank is the job's first to fail, the exit code the first one chose), counted in the
+    process group's store within seconds; without a reachable store, a rank outside any group is first."""
+    import datetime
+
+    if not torch.distributed.is_initialized():
+        return True, code
+    try:
+        store = torch.distributed.distributed_c10d._get_default_store()
+        store.set_timeout(datetime.timedelta(seconds=10))
+        if store.add("lor2c_failed_ranks", 1) == 1:
+            store.set("lor2c_failure_code", str(code))
+            return True, code
+        return False, int(store.get("lor2c_failure_code"))
+    except Exception:  # the store went with a dead rank: another rank failed first
+        return False, code
+
+
 def resolve_ds_config_path(name: str) -> Path:
     path = Path(name)
     if path.suffix != ".json":
@@ -70,6 +88,12 @@ def build_ds_config(cfg: TrainConfig, world_size: int, total_steps: int) -> dict
         ds = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ConfigError(f"deepspeed config {path} is not valid JSON: {e}") from None
+    if not isinstance(ds, dict):
+        raise ConfigError(f"deepspeed config {path} must hold a JSON object, not {type(ds).__name__}")
+    stage = ds.get("zero_optimization", {}).get("stage", 0) if isinstance(ds.get("zero_optimization", {}), dict) else None
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"deepspeed config {path}: zero_optimization must be an object whose stage is 0, 1, 2 "
+                          f"or 3, got {ds.get('zero_optimization')!r}")
     clash = [k for k in _RECIPE_KEYS if k in ds]
     if clash:
         raise ConfigError(f"deepspeed config {path} sets {clash}; these come from the training recipe "

@@ -257,7 +257,7 @@ def _batches(data: PreparedData, cfg: TrainConfig, rank: int, world: int):
         shard = StreamShard(data.train, rank, world, cfg.seed, cfg.data.shuffle_buffer)
         return stream_loader(shard, data.collator, cfg.micro_batch_size), cfg.max_steps
     loader = train_loader(data.train, data.collator, cfg.micro_batch_size, cfg.global_batch_size, rank, world, cfg.seed)
-    return loader, math.ceil(len(data.train) / cfg.global_batch_size)
+    return loader, cfg.schedule_steps(len(data.train))[0]
 
 
 def _log_start(cfg: TrainConfig, data: PreparedData, grad_accum: int, world: int, total_steps: int, engine) -> None:

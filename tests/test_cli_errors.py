@@ -36,15 +36,15 @@ class Case:
 GOOD_CSV = "text,label\n" + "".join(f"a good movie {i},1\nthe plot was bad {i},0\n" for i in range(6))
 
 CASES = [
-    Case("unknown_method", "unknown adapter method 'lor3c'", {}, overrides=("adapter.method=lor3c",)),
+    Case("unknown_method", "unknown adapter.method 'lor3c'", {}, overrides=("adapter.method=lor3c",)),
     Case("unknown_config_key", "unknown config key(s) ['learning_rate']", {"learning_rate": 0.1}),
     Case("r_zero", "adapter.r must be a positive integer, got 0", {"adapter": {"r": 0}}),
     Case("r_larger_than_hidden", "adapter.r=64 is larger than the model's hidden size 32", {"adapter": {"r": 64}}),
     Case("span_out_of_range", "adapter span [2, 3] is out of range: the model has 3 blocks",
          {"adapter": {"spans": [[0, 1], [2, 3]]}}),
-    Case("missing_model_dir", "model directory {case}/no_such_model does not exist",
+    Case("missing_model_dir", "model: directory {case}/no_such_model does not exist",
          {"model": "{case}/no_such_model"}),
-    Case("missing_data_file", "data file {case}/no_such_data.csv does not exist",
+    Case("missing_data_file", "data.path: file or directory {case}/no_such_data.csv does not exist",
          {"data": {"path": "{case}/no_such_data.csv"}}),
     Case("empty_data_file", "data file {case}/data.csv is empty", {}, data=""),
     Case("broken_jsonl", "data file {case}/data.jsonl: line 2 is not valid JSON", {"data": {"format": "auto"}},

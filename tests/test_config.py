@@ -38,7 +38,7 @@ def test_defaults_are_valid():
 
 
 def test_unknown_method():
-    with pytest.raises(ConfigError, match=r"unknown adapter method 'loraa'.*'lora', 'lor2c', 'share_lor2c'"):
+    with pytest.raises(ConfigError, match=r"unknown adapter.method 'loraa'.*'lora', 'lor2c', 'share_lor2c'"):
         AdapterConfig(method="loraa").validate()
 
 
@@ -154,7 +154,7 @@ def test_unknown_adapter_key_in_recipe(recipe):
 
 
 def test_unknown_method_in_recipe(recipe):
-    with pytest.raises(ConfigError, match=r"unknown adapter method 'lor3c'"):
+    with pytest.raises(ConfigError, match=r"unknown adapter.method 'lor3c'"):
         load_config(recipe("adapter:\n  method: lor3c\n"))
 
 
@@ -177,7 +177,7 @@ def test_section_must_be_a_mapping(recipe):
     ("nproc: two\n", r"nproc must be a positive integer, got 'two'"),
     ("epochs: true\n", r"epochs must be a positive integer, got True"),
     ("max_steps: -5\n", r"max_steps must be a positive integer or null, got -5"),
-    ("lr: -0.1\n", r"lr must be positive, got -0\.1"),
+    ("lr: -0.1\n", r"lr must be a positive number, got -0\.1"),
 ])
 def test_train_config_values(recipe, extra, message):
     with pytest.raises(ConfigError, match=message):

@@ -121,7 +121,7 @@ def test_default_zero_knobs_are_the_shipped_zero3_config():
 @pytest.mark.parametrize("argv, message, code", [
     (["--model-config", "/nonexistent/config.json"], "not found", 2),
     (["--model-config", "llama-9t"], "unknown model 'llama-9t'", 2),
-    (["--model-config", "llama-2-7b", "--method", "dora"], "unknown adapter method", 2),
+    (["--model-config", "llama-2-7b", "--method", "dora"], "unknown adapter.method", 2),
     (["--model-config", "llama-2-7b", "--nodes", "0"], "--nodes must be a positive integer", 2),
     (["--model-config", "llama-2-70b", "--nodes", "1", "--gpus-per-node", "1", "--gpu-mem", "24"],
      "does not fit", 3),

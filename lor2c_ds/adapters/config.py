@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,6 +16,88 @@ RESLORA_MERGE_RULES = {"is": ("inputs", "weights"), "bs": ("exact",), "ms": ("in
 
 class ConfigError(ValueError):
     """A configuration value is wrong; the message names the key and the problem."""
+
+
+@dataclass(frozen=True)
+class Bound:
+    """The range of a numeric field: low/high, each closed unless marked open; None: unbounded."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def holds(self, value) -> bool:
+        return not ((self.low is not None and (value < self.low or (self.low_open and value == self.low)))
+                    or (self.high is not None and (value > self.high or (self.high_open and value == self.high))))
+
+    def describe(self, integer: bool) -> str:
+        kind = "integer" if integer else "number"
+        if self.high is None and self.low == 0:
+            return f"a {'positive' if self.low_open else 'non-negative'} {kind}"
+        if self.high is None and self.low == 1 and integer and not self.low_open:
+            return "a positive integer"
+        if self.high is None:
+            return f"{'an integer' if integer else 'a number'} {'>' if self.low_open else '>='} {self.low}"
+        interval = f"{'(' if self.low_open else '['}{self.low}, {self.high}{')' if self.high_open else ']'}"
+        return f"an integer in {interval}" if integer else f"in {interval}"
+
+
+POSITIVE_INT = Bound(1)
+NON_NEGATIVE = Bound(0)
+POSITIVE = Bound(0, low_open=True)
+
+
+def _describe(hint, bound: Bound | None) -> str:
+    """How a value of annotation `hint` is described in an error message."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args:
+        inner = next(a for a in args if a is not type(None))
+        return f"{_describe(inner, bound)} or null"
+    if hint is int:
+        return bound.describe(True) if bound else "an integer"
+    if hint is float:
+        return bound.describe(False) if bound else "a number"
+    if hint is bool:
+        return "true or false"
+    if hint is str:
+        return "a string"
+    if typing.get_origin(hint) is list and args:
+        inner = typing.get_args(args[0])
+        return f"a list of {_describe(inner[0], None).split()[-1]} lists" if inner else \
+            f"a list of {_describe(args[0], None).split()[-1]}s"
+    return "a list" if hint is list else getattr(hint, "__name__", str(hint))
+
+
+def _fits(value, hint) -> bool:
+    args = typing.get_args(hint)
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint in (bool, str):
+        return isinstance(value, hint)
+    if origin is list or hint is list:
+        return isinstance(value, (list, tuple)) and (not args or all(_fits(v, args[0]) for v in value))
+    return True  # a nested section: checked by its own class
+
+
+def check_fields(obj, prefix: str, bounds: dict[str, Bound]) -> None:
+    """Every field of dataclass `obj` against its annotation, and numeric ones against `bounds`;
+    the error names `prefix + field`, the value and what is valid."""
+    hints = typing.get_type_hints(type(obj))
+    for spec in dataclasses.fields(obj):
+        value, hint, bound = getattr(obj, spec.name), hints[spec.name], bounds.get(spec.name)
+        wrong = not _fits(value, hint)
+        if not wrong and bound is not None and value is not None and not bound.holds(value):
+            wrong = True
+        if wrong:
+            raise ConfigError(f"{prefix}{spec.name} must be {_describe(hint, bound)}, got {value!r}")
 
 
 @dataclass
@@ -85,8 +169,11 @@ class AdapterConfig:
 
     def validate(self, num_blocks: int | None = None, hidden: int | None = None) -> None:
         """Checks that need no model; with `num_blocks`/`hidden`, also the model-dependent ones."""
+        if isinstance(self.spans, list):
+            self._check_span_entries()  # before the generic check: it says what a span looks like
+        check_fields(self, "adapter.", ADAPTER_BOUNDS)
         if self.method not in METHODS:
-            raise ConfigError(f"unknown adapter method {self.method!r}; choose one of {list(METHODS)}")
+            raise ConfigError(f"unknown adapter.method {self.method!r}; choose one of {list(METHODS)}")
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
             raise ConfigError(f"adapter.r must be a positive integer, got {self.r!r}")
         if hidden is not None and self.r > hidden:
@@ -179,11 +266,15 @@ class AdapterConfig:
             raise ConfigError(f"adapter.merges + adapter.injections = {self.merges + self.injections} would "
                               f"remove more than the {len(spans)} spans there are")
 
+    def _check_span_entries(self) -> None:
+        for span in self.spans:
+            if not (isinstance(span, (list, tuple)) and len(span) == 2
+                    and all(isinstance(x, int) and not isinstance(x, bool) for x in span)):
+                raise ConfigError(f"adapter.spans entries must be [start, end] integer pairs, got {span!r}")
+
     def _check_spans(self, num_blocks: int | None) -> None:
         taken: set[int] = set()
         for span in self.spans:
-            if not (isinstance(span, (list, tuple)) and len(span) == 2 and all(isinstance(x, int) for x in span)):
-                raise ConfigError(f"adapter.spans entries must be [start, end] integer pairs, got {span!r}")
             start, end = span
             if start < 0 or end < start:
                 raise ConfigError(f"adapter span {list(span)} is invalid: need 0 <= start <= end")
@@ -207,6 +298,12 @@ class AdapterConfig:
             return [starts]
         grouped = {s for g in self.share_groups for s in g}
         return [sorted(g) for g in self.share_groups] + [[s] for s in starts if s not in grouped]
+
+
+# Numeric fields' ranges (pre_num's depends on the variant: _check_reslora).
+ADAPTER_BOUNDS = {"r": POSITIVE_INT, "alpha": POSITIVE, "dropout": Bound(0, 1, high_open=True),
+                  "merges": NON_NEGATIVE, "injections": NON_NEGATIVE, "max_merge_length": NON_NEGATIVE,
+                  "sfs_k": POSITIVE_INT, "event_every_steps": POSITIVE_INT}
 
 
 def max_merges(spans: list[tuple[int, int]], max_length: int) -> int:

@@ -36,7 +36,14 @@ def label_map(train, cfg: DataConfig, path: str) -> dict[str, int]:
     else:
         if train.column_names is None:
             raise DataError("a streamed classification set needs data.labels (the label values in id order)")
-        values = sorted((v for v in train.unique(cfg.label_field) if v is not None), key=lambda v: (str(type(v)), v))
+        typed = getattr(train.features[cfg.label_field], "dtype", None) is not None  # one Arrow type
+        found = train.unique(cfg.label_field) if typed else list(dict.fromkeys(train[cfg.label_field]))
+        found = [v for v in found if v is not None]
+        texts, others = [v for v in found if isinstance(v, str)], [v for v in found if not isinstance(v, str)]
+        if texts and others:
+            raise DataError(f"data.label_field {cfg.label_field!r} of {path} mixes numbers and strings (e.g. "
+                            f"{others[0]!r} and {texts[0]!r}); make them one type, or list the values in data.labels")
+        values = sorted(found, key=lambda v: (str(type(v)), v))
     ids = {str(v): i for i, v in enumerate(values)}
     if len(ids) != len(values):
         raise DataError(f"data.labels has repeated values: {values}")
