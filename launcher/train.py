@@ -37,7 +37,7 @@ def preflight(cfg) -> None:
     from transformers import AutoConfig
 
     from lor2c_ds.adapters.config import ConfigError
-    from lor2c_ds.checkpoint import latest_complete
+    from lor2c_ds.checkpoint import check_resume, latest_complete
     from lor2c_ds.config import model_kind
     from lor2c_ds.data import prepare_data
     from lor2c_ds.evaluation import load_eval_sets, metric_names
@@ -71,6 +71,7 @@ def preflight(cfg) -> None:
         if not (cfg.resume and latest_complete(out / "checkpoints")):
             raise ConfigError(f"output_dir {out} is not empty and holds no complete checkpoint to resume from; "
                               "choose another or set overwrite_output_dir=true")
+    check_resume(cfg)  # the checkpoint it resumes from fits the recipe and is whole
 
 
 def free_port() -> int:
