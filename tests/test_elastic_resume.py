@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 from test_distributed import (REPO, classification_recipe, metrics, needs_assets, run_cli, tiny_bert,  # noqa: F401
                               tiny_bert4)
+import checkpoint_size
 from test_slurm import cluster  # noqa: F401  (the local SLURM cluster fixture)
 
 from launcher.train import free_port
@@ -121,14 +122,10 @@ def test_consolidated_state_is_read_without_deepspeed_and_within_size(one_rank_r
         assert torch.equal(tensors[f"master/{name}"], adapters[name]), name
     still = [n for n in names if not tensors[f"exp_avg_sq/{n}"].abs().max() > 0]
     assert not still, still
-    # size: within 1.1 x (trainable tensors + fp32 master + Adam moments) plus the JSON and RNG metadata
-    numel = sum(tensors[f"master/{n}"].numel() for n in names)
-    files = [p for p in tag_dir.iterdir() if p.is_file()]
-    metadata = sum(p.stat().st_size for p in files if p.suffix == ".json" or p.name.startswith("rng_state"))
-    metadata += sum(8 + int.from_bytes(p.read_bytes()[:8], "little") for p in files  # safetensors' JSON headers
-                    if p.suffix == ".safetensors" and not p.name.startswith("rng_state"))
-    total = sum(p.stat().st_size for p in files)
-    assert total <= 1.1 * numel * 4 * 4 + metadata, (total, numel, metadata)
+    # size: within 1.1 x (trainable tensors + fp32 master + Adam moments) plus the JSON, RNG and header metadata
+    size = checkpoint_size.report(tag_dir)
+    assert size["trainable_numel"] == sum(tensors[f"master/{n}"].numel() for n in names)
+    assert size["checkpoint_bytes"] <= 1.1 * size["params_plus_optimizer_bytes"] + size["metadata_bytes"], size
 
 
 @needs_assets
