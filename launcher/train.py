@@ -37,7 +37,7 @@ def preflight(cfg, env=os.environ) -> None:
     JSON, world size and batch, data, event schedule, evaluation sets, output dir and resume checkpoint."""
     from lor2c_ds import engine
     from lor2c_ds.adapters.config import ConfigError
-    from lor2c_ds.checkpoint import latest_complete
+    from lor2c_ds.checkpoint import check_resume, latest_complete
     from lor2c_ds.config import model_kind
     from lor2c_ds.data import prepare_data
     from lor2c_ds.evaluation import EvalDataError, load_eval_sets, metric_names
@@ -80,7 +80,13 @@ def preflight(cfg, env=os.environ) -> None:
         if not (cfg.resume and latest_complete(out / "checkpoints")):
             raise ConfigError(f"output_dir {out} is not empty and holds no complete checkpoint to resume from; "
                               "choose another or set overwrite_output_dir=true")
-    checks.check_resume(cfg)
+    try:
+        check_resume(cfg)  # the checkpoint it resumes from fits the recipe and is whole
+    except ConfigError:
+        raise
+    except (OSError, ValueError):
+        pass  # an unreadable run state: the next check names it
+    checks.check_resume(cfg)  # older checkpoints: the recipe recorded in train_config.json
     data = prepare_data(cfg, tokenizer)  # every data error, before any rank starts
     checks.check_lengths(cfg, model_config, data)
     checks.check_labels(cfg, data)

@@ -398,6 +398,81 @@ def reset_optimizer_state(engine, params) -> None:
                 group_state[key] = 0
 
 
+
+# --- The world-size-independent trainable state (lor2c_ds/checkpoint.py writes and reads it) ----
+
+MOMENTS = ("exp_avg", "exp_avg_sq")  # torch AdamW's tensors besides the master
+
+
+def _needs_zero_state(engine) -> None:
+    if not engine.zero_optimization_stage() or getattr(engine.optimizer, "swap_optimizer", False):
+        raise NotImplementedError("the consolidated checkpoint needs ZeRO stage 1-3 with the optimizer state in memory")
+
+
+def trainable_state(engine) -> tuple[dict[str, torch.Tensor], dict[str, int], dict]:
+    """(tensors, steps, scheduler): every trainable tensor's fp32 master and Adam moments, whole and on
+    the CPU, keyed `master/<name>`, `exp_avg/<name>`, `exp_avg_sq/<name>`; its Adam step count (its
+    optimizer group's, 0 before the group's first step, whose moments are zero); the LR scheduler's
+    state. The same on every rank, whatever the world size and ZeRO stage. A collective."""
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    _needs_zero_state(engine)
+    stateless = _link_optimizer_state(engine)
+    state = engine.optimizer.optimizer.state
+    step_of = {id(p): int(state[flat]["step"]) if state.get(flat) else 0 for params, flat in _flat_groups(engine)
+               for p in params}
+    tensors, steps = {}, {}
+    for name, p in engine.module.named_parameters():
+        if not p.requires_grad:
+            continue
+        master = full_fp32(p)
+        tensors[f"master/{name}"] = master
+        for key in MOMENTS:
+            value = torch.zeros_like(master) if id(p) in stateless or not step_of[id(p)] else \
+                safe_get_full_optimizer_state(p, key)
+            tensors[f"{key}/{name}"] = value.detach().float().cpu().reshape(master.shape).contiguous()
+        steps[name] = step_of[id(p)]
+    return tensors, steps, engine.lr_scheduler.state_dict()
+
+
+def _ensure_optimizer_state(engine) -> None:
+    """Give every optimizer group without state the one torch's AdamW creates on its first step (step 0,
+    zero moments), so that `safe_set_full_optimizer_state` has somewhere to write."""
+    state = engine.optimizer.optimizer.state
+    for _, flat in _flat_groups(engine):
+        if not state.get(flat):
+            state[flat] = {"step": torch.tensor(0.0), **{k: torch.zeros_like(flat) for k in MOMENTS}}
+
+
+def load_trainable_state(engine, tensors: dict[str, torch.Tensor], steps: dict[str, int], scheduler: dict,
+                         global_step: int, global_batch: int) -> None:
+    """Set what `trainable_state` returned into this engine, on any world size and ZeRO stage: masters
+    and module tensors, Adam moments, each group's step count, the LR schedule and the engine's step
+    counters. Call on every rank with the same values; raises ValueError when a group's tensors carry
+    different step counts (the optimizer grouping differs from the run that saved them)."""
+    from deepspeed.utils import safe_set_full_optimizer_state
+
+    _needs_zero_state(engine)
+    _ensure_optimizer_state(engine)
+    named = {name: p for name, p in engine.module.named_parameters() if p.requires_grad}
+    overwrite_trainable(engine, {p: tensors[f"master/{name}"] for name, p in named.items()})
+    for name, p in named.items():
+        for key in MOMENTS:
+            safe_set_full_optimizer_state(p, tensors[f"{key}/{name}"].to(p.device).reshape(full_shape(p)), key)
+    name_of = {id(p): name for name, p in named.items()}
+    state = engine.optimizer.optimizer.state
+    for params, flat in _flat_groups(engine):
+        counts = {steps[name_of[id(p)]] for p in params if id(p) in name_of}
+        if len(counts) > 1:
+            raise ValueError(f"tensors of one optimizer group carry different Adam step counts {sorted(counts)}")
+        if counts:
+            step = state[flat]["step"]
+            state[flat]["step"] = torch.full_like(step, counts.pop()) if torch.is_tensor(step) else counts.pop()
+    engine.lr_scheduler.load_state_dict(scheduler)
+    engine.lr_scheduler.step(scheduler["last_batch_iteration"])  # the LR of the next step into the optimizer
+    engine.global_steps, engine.global_samples = global_step, global_step * global_batch
+
+
 # --- Measurements for the benchmark (launcher/bench.py, launcher/bench_peft.py) ------------------
 
 # DeepSpeed's communication logger keys each call by the collective's function name and records one

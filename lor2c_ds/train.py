@@ -162,6 +162,7 @@ class RunState:
 
     def run_state(self) -> dict:
         return {"step": self.step, "epoch": self.epoch, "world": self.world, "label_names": self.label_names,
+                "recipe": checkpoint.recipe_identity(self.cfg),
                 "best": self.best, "run_id": self.run_id, "job": checkpoint.job_identity(),
                 "callbacks": {c.name: c.state_dict() for c in self.callbacks}}
 
@@ -276,25 +277,36 @@ def _log_start(cfg: TrainConfig, data: PreparedData, grad_accum: int, world: int
 def _start_or_resume(cfg: TrainConfig, rank: int) -> tuple[str | None, dict | None]:
     """(the checkpoint tag to resume from, its run_state) or (None, None) for a fresh run. With
     overwrite_output_dir a fresh run first moves the previous run's files aside (rank 0), unless this job
-    is a requeue or restart of the job that wrote them."""
+    is a requeue or restart of the job that wrote them. A checkpoint unfit for `cfg` raises ConfigError."""
     out = Path(cfg.output_dir)
-    root = out / "checkpoints"
-    tag = checkpoint.latest_complete(root) if cfg.resume or cfg.overwrite_output_dir else None
-    restored = checkpoint.read_run_state(root, tag) if tag else None
-    if cfg.overwrite_output_dir and not (cfg.resume and checkpoint.is_restart_of(restored)):
-        tag = restored = None
+    tag, restored = checkpoint.resume_point(cfg)
+    if restored:
+        checkpoint.check_resumable(cfg, tag, restored)
+        if cfg.overwrite_output_dir and rank == 0:
+            log.info("overwrite_output_dir: this job is a requeue of the one that wrote %s; resuming",
+                     out / "checkpoints" / tag)
+    elif cfg.overwrite_output_dir:
         if rank == 0:
             moved = checkpoint.move_aside(out)
             if moved:
                 log.warning("overwrite_output_dir: the previous run's files in %s were moved to %s", out, moved)
         ds.barrier()
-    elif cfg.overwrite_output_dir and rank == 0:
-        log.info("overwrite_output_dir: this job is a requeue of the one that wrote %s; resuming", root / tag)
-    return (tag, restored) if restored else (None, None)
+    return tag, restored
 
 
+def _log_resume(state: "RunState", tag: str, how: dict, restore_s: float) -> None:
+    """Rank 0: what a resume read, and a `resumed` event (its time to the first step is added later)."""
+    if state.rank != 0:
+        return
+    log.info("resumed from %s at step %d (epoch %d): %s state written on %s rank(s) under ZeRO-%s, read on %d "
+             "under ZeRO-%d in %.2f s", state.output_dir / "checkpoints" / tag, state.step, state.epoch, how["state"],
+             how["saved_world"], how["saved_stage"], state.world, state.engine.zero_optimization_stage(), restore_s)
+    if how["rng"] == "re-seeded":
+        log.warning("resumed on %d rank(s) from a checkpoint of %s: each rank's RNG (dropout) is re-seeded from "
+                    "(seed, step, rank); data order and schedule are unchanged", state.world, how["saved_world"])
 def run(cfg: TrainConfig, rank: int, world: int, callbacks: list[Callback] | None = None) -> dict:
     """Train on this rank; returns the held-out metrics before and after (identical on all ranks)."""
+    t_run = time.perf_counter()
     seed_everything(cfg.seed)
     out = Path(cfg.output_dir)
     resume_tag, restored = _start_or_resume(cfg, rank)
@@ -319,10 +331,12 @@ def run(cfg: TrainConfig, rank: int, world: int, callbacks: list[Callback] | Non
                      label_names=data.label_names, data=data)
     state.run_id = (restored or {}).get("run_id") or ds.broadcast_object(checkpoint.new_run_id() if rank == 0 else None)
     if restored:
-        checkpoint.restore(engine, ckpt_root, resume_tag, rank)
+        t_restore = time.perf_counter()
+        how = checkpoint.restore(engine, ckpt_root, resume_tag, rank, world, cfg.seed)
         state.step, state.epoch = restored["step"], restored["epoch"]
         state.best = restored.get("best")
-        log.info("resumed from %s at step %d (epoch %d)", ckpt_root / resume_tag, state.step, state.epoch)
+        resumed = {"from": resume_tag, **how, "restore_s": time.perf_counter() - t_restore}
+        _log_resume(state, resume_tag, how, resumed["restore_s"])
     if rank == 0:
         _log_start(cfg, data, grad_accum, world, total_steps, engine)
         out.mkdir(parents=True, exist_ok=True)
@@ -346,6 +360,8 @@ def run(cfg: TrainConfig, rank: int, world: int, callbacks: list[Callback] | Non
         c.on_train_start(state)
 
     state.engine.train()
+    if restored:  # the time from the start of `run` to the first step of the resumed run
+        state.metrics.event(state.step, "resumed", {**resumed, "to_first_step_s": time.perf_counter() - t_run})
     bar = tqdm(total=total_steps, initial=state.step, disable=rank != 0, desc="train", dynamic_ncols=True)
     window_t, window_tokens = time.perf_counter(), 0.0
     while state.step < total_steps and not state.stop:

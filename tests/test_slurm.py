@@ -72,12 +72,12 @@ def recipe(path: Path, output_dir: Path, **extra) -> Path:
     return path
 
 
-def submit(cluster: LocalCluster, script: str, work: Path, tasks: str, **extra) -> int:
+def submit(cluster: LocalCluster, script: str, work: Path, tasks: str, nodes: int = 2, **extra) -> int:
     """sbatch the repository's script as a user would, with the test cluster's sizes on the command line."""
     env = {"CONFIG": str(recipe(work / "recipe.yaml", work / "out", **extra)), "TASKS": tasks,
            "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "LOR2C_DIST_TIMEOUT_S": "120",
            "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", "/tmp/torchext_slurm")}
-    return cluster.sbatch("--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1",
+    return cluster.sbatch(f"--nodes={nodes}", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1",
                           "--partition=debug", "--time=00:10:00", f"--output={work}/slurm-%j.out",
                           str(REPO / "slurm" / script), env=env, cwd=REPO)
 
