@@ -149,7 +149,7 @@ def _load_tokenizer(args, cfg):
         if not has_vocabulary(path):  # transformers would build an empty tokenizer from the config alone
             continue
         try:
-            tokenizer = AutoTokenizer.from_pretrained(path)
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)  # an export maps AutoConfig to its own code
         except (OSError, ValueError):
             continue
         if tokenizer.pad_token is None:

@@ -117,7 +117,7 @@ def _fused_split(name: str, config, d_out: int) -> tuple[int, tuple[int, ...]]:
 
 
 def _part(path: str, chunk: int, groups: int, widths: tuple[int, ...]):
-    from .registry import Projection
+    from .arch import Projection
 
     offset = sum(widths[:chunk])
     return Projection(path, chunk, len(widths), OutputSlice(offset, widths[chunk], sum(widths), groups))
@@ -125,7 +125,7 @@ def _part(path: str, chunk: int, groups: int, widths: tuple[int, ...]):
 
 def discover_projections(blocks: nn.ModuleList, config) -> dict:
     """short target name -> Projection, for the targets present in every block."""
-    from .registry import Projection, projection_dims
+    from .arch import Projection, projection_dims
 
     first = _projections_of(blocks[0])
     common = {p for p in first if all(is_projection(m) for m in [_get(b, p) for b in blocks[1:]])}
@@ -179,7 +179,7 @@ def discover_heads(model: nn.Module) -> tuple[str, ...]:
 
 def discover(model: nn.Module):
     """An ArchSpec read off `model`; DiscoveryError says what is missing."""
-    from .registry import ArchSpec
+    from .arch import ArchSpec
 
     from transformers import PreTrainedModel
 

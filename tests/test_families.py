@@ -247,8 +247,10 @@ def test_train_refuses_before_any_rank_starts(tmp_path, capsys, family, adapter,
     model.mkdir()
     config = family_config(family) if family != "t5" else __import__("transformers").T5Config(d_model=16, num_layers=2)
     (model / "config.json").write_text(config.to_json_string())
+    data = tmp_path / "data.csv"  # pre-flight checks paths first: a real file, so the architecture is what fails
+    data.write_text("text,label\na b,0\nc d,1\n")
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(json.dumps({"model": str(model), "task": "classification" if family == "t5" else "causal_lm", "data": {"path": str(tmp_path / "none.csv")},
+    recipe.write_text(json.dumps({"model": str(model), "task": "classification" if family == "t5" else "causal_lm", "data": {"path": str(data)},
                                   "adapter": adapter, "output_dir": str(tmp_path / "out"), "nproc": 2}))
     assert main(["--config", str(recipe)]) == 2
     err = capsys.readouterr().err.strip()

@@ -38,7 +38,7 @@ def test_missing_pooler_trains_with_the_head(tmp_path, caplog):
     assert model.newly_initialised == ["bert.pooler"]  # the tiny checkpoint ships its classifier
     assert cfg.adapter.modules_to_save == ["classifier", "bert.pooler"]
     assert {"bert.pooler.dense.weight", "bert.pooler.dense.bias"} <= _trainable(model)
-    lines = [r.getMessage() for r in caplog.records if "not in the checkpoint" in r.getMessage()]
+    lines = [r.getMessage() for r in caplog.records if r.name == "lor2c_ds.train" and "not in the checkpoint" in r.getMessage()]
     assert lines == ["bert.pooler not in the checkpoint (initialised at random): trained with the head, "
                      "1,056 parameters; adapter.modules_to_save overrides"]  # 32 x 32 + 32
 
@@ -65,7 +65,7 @@ def test_modules_to_save_overrides_and_warns(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="lor2c_ds.train"):
         model = load_model(cfg, {})
     assert not any(n.startswith("bert.pooler") for n in _trainable(model))
-    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and r.name == "lor2c_ds.train"]
     assert [r.getMessage() for r in warnings] == [
         "bert.pooler not in the checkpoint (initialised at random) and left frozen by adapter.modules_to_save"]
 

@@ -185,9 +185,12 @@ def test_nproc_3_with_a_fitting_batch_passes(assets, tmp_path):
 # -- the event schedule, labels, data ----------------------------------------------------------------
 
 def test_merges_that_never_fire_with_default_epochs(case):
-    """The default epochs: 1 with any merge: the reference schedule fires after the first epoch, at the end."""
-    line = case({"adapter.merges": 1, "max_steps": None}, "would fire at step", "adapter.merges")
+    """epochs: 1 with any merge under the reference schedule (event_schedule: epochs) fires after the first
+    epoch, at the end; the default schedule (quarter) fires in the first quarter, but not in a run too short."""
+    line = case({"adapter.merges": 1, "adapter.event_schedule": "epochs", "max_steps": None},
+                "would fire at step", "adapter.merges")
     assert "steps per epoch, epochs=1" in line
+    case({"adapter.merges": 2, "max_steps": 7}, "needs at least 8 optimizer steps", "adapter.merges")
 
 
 def test_injection_schedule_by_steps_passes(assets, tmp_path):
