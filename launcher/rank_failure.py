@@ -1,6 +1,11 @@
 """A rank that fails says so once: the first failing rank prints one line naming the cause and a log
 file (in the output directory) with the full traceback; the other ranks leave without a word, with the
-same exit code (2 for a configuration or data error, 1 otherwise), and nobody waits for a collective."""
+same exit code (2 for a configuration or data error, 1 otherwise), and nobody waits for a collective.
+
+A rank killed by a signal (the OOM killer, kill -9) cannot say anything: the first to notice is a
+survivor whose collective lost its peer. Under lor2c-train's own launcher (`launcher.ranks`, which
+sees the signal) that survivor leaves its line in the file named by LOR2C_FAILURE_NOTE instead of
+printing it, and the launcher prints one line naming the killed rank, or the note when none was killed."""
 from __future__ import annotations
 
 import os
@@ -40,6 +45,19 @@ def failure_line(error: BaseException, rank: int, log_path: Path) -> str:
     return f"lor2c-train: error: rank {rank} failed: {type(error).__name__}: {message} (traceback in {log_path})"
 
 
+FAILURE_NOTE = "LOR2C_FAILURE_NOTE"  # set by launcher.ranks: where a survivor's line waits
+_PEER_LOST = ("connection closed by peer", "connection reset by peer", "broken pipe",
+              "remote process exited", "communicator was aborted", "socket timeout")
+
+
+def lost_a_peer(error: BaseException) -> bool:
+    """Whether `error` is a collective that failed because another rank went away (gloo, NCCL)."""
+    import torch.distributed as dist
+
+    message = str(error).lower()
+    return isinstance(error, (dist.DistNetworkError, RuntimeError)) and any(m in message for m in _PEER_LOST)
+
+
 def exit_after_failure(error: BaseException, rank: int, output_dir: str) -> None:
     """Report `error` once for the whole job and end this process at once, without interpreter
     teardown (its process group may be blocked on a rank that is gone)."""
@@ -48,7 +66,19 @@ def exit_after_failure(error: BaseException, rank: int, output_dir: str) -> None
     code = 2 if isinstance(error, config_error_types()) else 1
     first, code = first_to_fail(code)
     if first:
-        print(failure_line(error, rank, traceback_log(error, rank, output_dir)), file=sys.stderr)
+        line = failure_line(error, rank, traceback_log(error, rank, output_dir))
+        note = os.environ.get(FAILURE_NOTE)
+        if note and lost_a_peer(error):  # the launcher knows more: whether that peer was killed
+            Path(note).write_text(line + "\n")
+        else:
+            _say(line)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def _say(line: str) -> None:
+    """One line on stderr, after any progress bar of this process (tqdm leaves its line open)."""
+    from tqdm import tqdm
+
+    tqdm.write(line, file=sys.stderr)

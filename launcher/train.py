@@ -192,6 +192,12 @@ def worker(cfg) -> int:
         exit_after_failure(e, rank, cfg.output_dir)
     if preemption.stopped_at() is not None:
         return preemption.finish(rank, cfg.output_dir)  # rank 0 requeues a SLURM job
+    if rank == 0 and cfg.export_on_save:  # the job's end would kill them: the exports finish first
+        from lor2c_ds.export import wait_for_exports
+
+        for tag, log_file in wait_for_exports():
+            print(f"lor2c-train: error: the export of {tag} failed (log: {log_file})", file=sys.stderr)
+            return 1
     return 0
 
 

@@ -458,21 +458,13 @@ def test_training_exports_on_save(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "launcher.train", "--config", str(recipe)], cwd=REPO,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    # the exports run in processes of their own, which the ranks did not wait for: wait for them here
-    import time
-
-    report_path, deadline = run / "export" / "export_report.json", time.time() + 600
-    while time.time() < deadline:
-        if report_path.is_file() and json.loads(report_path.read_text())["checkpoint"].endswith("step_2"):
-            break
-        assert not list((run / "export_logs").glob("*.failed")), [p.read_text() for p in (run / "export_logs").glob("*.log")]
-        time.sleep(1)
-    report = json.loads(report_path.read_text())
+    # the exports ran in processes of their own, which no rank waited for during training; the run's end
+    # waited for them (a SLURM job's end kills every process it started): all are done at exit
+    assert not list((run / "export_logs").glob("*.failed")), [p.read_text() for p in (run / "export_logs").glob("*.log")]
+    report = json.loads((run / "export" / "export_report.json").read_text())
     assert report["checkpoint"].endswith("step_2") and report["parity"]["passed"]
     logs = sorted(p.name for p in (run / "export_logs").glob("*.log"))
     assert logs == ["step_1.log", "step_2.log"]
-    while time.time() < deadline and (run / "export_staging").exists() and any((run / "export_staging").iterdir()):
-        time.sleep(1)  # the step_1 export may still be finishing: it leaves the newer export alone
     assert not any((run / "export_staging").iterdir())
     assert report["plain_transformers"] and (run / "export" / "peft" / "adapter_config.json").is_file()
 
@@ -520,3 +512,22 @@ def test_export_peak_memory_on_smollm2(tmp_path):
     assert extra[0] < 1.0, extra
     assert extra[1] < 2.0, extra
     assert json.loads((tmp_path / "b" / "export_report.json").read_text())["parity"]["passed"]
+
+
+def test_the_run_end_waits_for_its_exports_and_names_a_failed_one(tmp_path):
+    """`wait_for_exports` returns once every started export ended, naming the failed ones and their logs."""
+    from types import SimpleNamespace
+
+    from lor2c_ds.export import export_run_checkpoint, wait_for_exports
+
+    run = tmp_path / "run"
+    tag = run / "checkpoints" / "step_1"
+    tag.mkdir(parents=True)
+    (tag / "run_state.json").write_text("{}\n")  # no weights, no recorded recipe: the export must fail
+    cfg = SimpleNamespace(output_dir=str(run), model=str(tmp_path / "no_such_model"), export_dtype=None)
+    assert export_run_checkpoint(cfg, tag, rank=1) is None  # only rank 0 exports
+    proc = export_run_checkpoint(cfg, tag, rank=0)
+    assert wait_for_exports() == [("step_1", run / "export_logs" / "step_1.log")]
+    assert proc.returncode == 1 and (run / "export_logs" / "step_1.failed").is_file()
+    assert "export of" in (run / "export_logs" / "step_1.log").read_text()
+    assert not (run / "export_staging" / "step_1").exists() and wait_for_exports() == []

@@ -96,3 +96,26 @@ def test_one_rank_fails_two_ranks_say_it_once(tmp_path):
     # the truncation warning: once, from pre-flight, not again from each rank
     truncated = [line for line in lines if "train split" in line and "truncated" in line]
     assert len(truncated) == 1, detail
+
+
+def test_a_killed_rank_is_named_once_by_the_launcher():
+    """torchrun's failures -> the one line: a rank killed by a signal is named (the survivor that lost its
+    connection left only a note); without one, the survivor's note, or nothing when a rank spoke itself."""
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    from launcher.rank_failure import lost_a_peer
+    from launcher.ranks import failure_report
+
+    survivor = ProcessFailure(local_rank=0, pid=100, exitcode=1, error_file="/nonexistent")
+    killed = ProcessFailure(local_rank=1, pid=101, exitcode=-9, error_file="/nonexistent")
+    note = "lor2c-train: error: rank 0 failed: RuntimeError: Connection closed by peer (traceback in x)"
+    line, code = failure_report({0: survivor, 1: killed}, note)
+    assert line == "lor2c-train: error: rank 1 (pid 101) was killed by SIGKILL; the other ranks stopped"
+    assert code == 137
+    assert failure_report({0: survivor}, note) == (note, 1)
+    assert failure_report({0: survivor}, "") == (None, 1)  # the failing rank printed its own line
+    bad_input = ProcessFailure(local_rank=0, pid=100, exitcode=2, error_file="/nonexistent")
+    assert failure_report({0: bad_input}, "") == (None, 2)
+    gloo = RuntimeError("[../gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:53427")
+    assert lost_a_peer(gloo) and lost_a_peer(RuntimeError("Read error: Connection reset by peer"))
+    assert not lost_a_peer(RuntimeError("boom")) and not lost_a_peer(ValueError("Connection closed by peer"))

@@ -64,6 +64,30 @@ def test_chunked_loss_saves_no_full_fp32_copy_of_the_logits():
     assert logits.grad is not None and logits.grad.abs().sum() > 0
 
 
+NOTHING_SCORED = {  # (logits, labels) of a micro-batch without a single scored target
+    "causal_lm": ((2, 1, 97), (2, 0)),  # one-token rows: no next token to predict
+    "chat": ((2, 5, 97), (2, 4)),  # every position masked (prompt only, or filler rows)
+    "classification": ((2, 3), (2,)),
+    "regression": ((2, 1), (2,)),
+}
+
+
+@pytest.mark.parametrize("task", list(NOTHING_SCORED))
+def test_a_micro_batch_with_nothing_to_score_still_backpropagates(task):
+    """DeepSpeed's engine.backward refuses a loss without grad_fn; the rank would fail mid-run."""
+    from deepspeed.runtime.utils import maybe_loss_for_backward
+
+    logit_shape, label_shape = NOTHING_SCORED[task]
+    for dtype in (torch.float32, torch.bfloat16):
+        logits = torch.randn(logit_shape).to(dtype).requires_grad_(True)
+        labels = torch.full(label_shape, -100, dtype=torch.float32 if task == "regression" else torch.long)
+        loss = summed_loss(logits, labels, task)
+        assert maybe_loss_for_backward(loss), (task, dtype, loss)
+        assert loss.item() == 0.0
+        loss.backward()
+        assert logits.grad is not None and not logits.grad.any()
+
+
 class FakeEngine:
     """DeepSpeed's engine surface that train_step uses, on a tiny model, single process."""
 

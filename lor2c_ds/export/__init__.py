@@ -13,10 +13,10 @@ loaded (small), then every output tensor is read from the base safetensors, fold
 straight into its shard, one tensor at a time. No DeepSpeed process is needed: a ZeRO-3 checkpoint
 already holds the trainable tensors gathered whole (`adapter_model.safetensors`).
 """
-from .background import export_run_checkpoint
+from .background import export_run_checkpoint, wait_for_exports
 from .load import SECTION, from_pretrained
 from .merge import DTYPES, ExportError, check_out, export, find_train_config, resolve_checkpoint
 from .safetensors_io import INDEX_NAME
 
 __all__ = ["DTYPES", "ExportError", "INDEX_NAME", "SECTION", "check_out", "export", "export_run_checkpoint",
-           "find_train_config", "from_pretrained", "resolve_checkpoint"]
+           "wait_for_exports", "find_train_config", "from_pretrained", "resolve_checkpoint"]

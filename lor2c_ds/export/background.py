@@ -3,7 +3,9 @@
 Why its own process (not rank 0 with the others in a barrier, not only after the run): a 7B-70B export
 takes longer than the collective timeout, so no rank may wait for it inside the process group; a
 separate process also keeps the export's host memory out of the training process and survives the
-run's end, so the last checkpoint is exported even when training stops right after saving.
+run's end. But not the job's: SLURM ends every process of a job step with it, so a run that completes
+waits, after its process group is gone, for the exports it started (`wait_for_exports`) and reports
+how they ended; a preempted run does not wait (its grace time is for the checkpoint).
 
 Rank 0 copies the checkpoint tag to OUTPUT_DIR/export_staging/<tag> (retention may delete the tag while
 the export runs), then starts `python -m lor2c_ds.export.background` in a new session with its output in
@@ -23,6 +25,7 @@ import sys
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+_started: list[tuple[str, Path, subprocess.Popen]] = []  # (tag, log file, process) on rank 0
 
 
 def _step(tag: str) -> int:
@@ -47,7 +50,21 @@ def export_run_checkpoint(cfg, tag_dir: Path, rank: int) -> subprocess.Popen | N
         proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True,
                                 env=dict(os.environ))
     log.info("exporting %s in process %d (log: %s)", tag_dir.name, proc.pid, logs / f"{tag_dir.name}.log")
+    _started.append((tag_dir.name, logs / f"{tag_dir.name}.log", proc))
     return proc
+
+
+def wait_for_exports() -> list[tuple[str, Path]]:
+    """Wait for every export this process started; returns (tag, log) of those that failed. Call it
+    with no process group left to time out (a 70B export takes longer than any collective timeout)."""
+    failed = []
+    while _started:
+        tag, log_file, proc = _started.pop(0)
+        if proc.poll() is None:
+            log.info("waiting for the export of %s (process %d, log: %s)", tag, proc.pid, log_file)
+        if proc.wait() != 0:
+            failed.append((tag, log_file))
+    return failed
 
 
 def main(stage: str, tag: str, base: str, out: str, dtype: str) -> int:
