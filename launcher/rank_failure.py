@@ -52,10 +52,8 @@ _PEER_LOST = ("connection closed by peer", "connection reset by peer", "broken p
 
 def lost_a_peer(error: BaseException) -> bool:
     """Whether `error` is a collective that failed because another rank went away (gloo, NCCL)."""
-    import torch.distributed as dist
-
-    message = str(error).lower()
-    return isinstance(error, (dist.DistNetworkError, RuntimeError)) and any(m in message for m in _PEER_LOST)
+    message = str(error).lower()  # torch.distributed's DistNetworkError and DistBackendError are RuntimeErrors
+    return isinstance(error, RuntimeError) and any(m in message for m in _PEER_LOST)
 
 
 def exit_after_failure(error: BaseException, rank: int, output_dir: str) -> None:

@@ -195,8 +195,10 @@ def worker(cfg) -> int:
     if rank == 0 and cfg.export_on_save:  # the job's end would kill them: the exports finish first
         from lor2c_ds.export import wait_for_exports
 
-        for tag, log_file in wait_for_exports():
-            print(f"lor2c-train: error: the export of {tag} failed (log: {log_file})", file=sys.stderr)
+        failed = wait_for_exports()
+        if failed:
+            logs = ", ".join(f"{tag}: {log_file}" for tag, log_file in failed)
+            print(f"lor2c-train: error: {len(failed)} export(s) failed (logs: {logs})", file=sys.stderr)
             return 1
     return 0
 
