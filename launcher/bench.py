@@ -85,6 +85,8 @@ def parse_args(argv):
     p.add_argument("--rounds", type=int, default=1, help="repeat every configuration, methods interleaved")
     p.add_argument("--comm-steps", type=int, default=2, help="steps measured by the communication logger")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--ds-config", default=None,
+                   help="a ds_configs/ name or JSON file for ZeRO-3 (e.g. zero3_offload); default zero3")
     p.add_argument("--out", required=True, help="output directory (bench.json, bench.md, tensorboard/)")
     p.add_argument("--overwrite", action="store_true", help="allow a non-empty --out")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -112,6 +114,15 @@ def check_args(args) -> list[str]:
             raise BenchError(f"--{key.replace('_', '-')} must be at least 1")
     if args.warmup < 0:
         raise BenchError("--warmup must be >= 0")
+    if args.ds_config is not None:
+        if args.zero != [3]:
+            raise BenchError(f"--ds-config {args.ds_config} is a ZeRO-3 configuration: use it with --zero 3")
+        from lor2c_ds.adapters.config import ConfigError as DsConfigError
+        from lor2c_ds.engine import resolve_ds_config_path
+        try:
+            resolve_ds_config_path(args.ds_config)
+        except DsConfigError as e:
+            raise BenchError(f"--ds-config: {e}") from None
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not args.overwrite)):
         raise BenchError(f"--out {out} exists and is not an empty directory (add --overwrite)")
@@ -134,7 +145,7 @@ def train_config(spec: dict, world: int):
     from lor2c_ds.config import DataConfig, TrainConfig
 
     return TrainConfig(model=spec["model"], task=spec["task"], data=DataConfig(path="-"),
-                       deepspeed=ZERO_CONFIGS[spec["zero"]], precision=spec["precision"],
+                       deepspeed=spec.get("ds_config") or ZERO_CONFIGS[spec["zero"]], precision=spec["precision"],
                        micro_batch_size=spec["micro_batch"], global_batch_size=spec["micro_batch"] * world,
                        warmup_ratio=0.0)
 
@@ -240,6 +251,7 @@ def worker(spec: dict) -> None:
     import torch
 
     from lor2c_ds import engine as ds
+    from lor2c_ds import preemption
     from lor2c_ds.train import RunState, default_callbacks, load_backbone, train_step
 
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -260,7 +272,7 @@ def worker(spec: dict) -> None:
     batch["valid"] = torch.ones(spec["micro_batch"], device=engine.device)
 
     def step():  # lor2c-train's own step (loss normalised by the global target count), one micro-batch
-        train_step(engine, [batch], spec["task"], world)
+        run.stop_votes = train_step(engine, [batch], spec["task"], world, stop_vote=preemption.local_vote())["stop_votes"]
         run.step += 1
         for c in callbacks:
             c.on_step_end(run)
@@ -368,7 +380,8 @@ def build_records(results: list[dict], args) -> list[dict]:
 
         records.append({
             "model": args.model, "task": args.task, "method": method, "r": args.r, "ranks": ranks,
-            "zero_stage": first["zero_stage"], "precision": args.precision, "seq": args.seq,
+            "zero_stage": first["zero_stage"], "ds_config": args.ds_config or ZERO_CONFIGS[zero],
+            "precision": args.precision, "seq": args.seq,
             "micro_batch": args.micro_batch, "steps": args.steps, "warmup": args.warmup, "rounds": len(runs),
             "step_time_median_s": median, "step_time_min_s": min(times), "step_time_max_s": max(times),
             "step_time_iqr_s": q3 - q1, "step_time_q1_s": q1, "step_time_q3_s": q3,
@@ -545,7 +558,7 @@ def main(argv=None) -> int:
     results = []
     base = {"model": str(args.model), "task": args.task, "r": args.r, "precision": args.precision, "seq": args.seq,
             "micro_batch": args.micro_batch, "steps": args.steps, "warmup": args.warmup,
-            "comm_steps": args.comm_steps}
+            "comm_steps": args.comm_steps, "ds_config": args.ds_config}
     with tempfile.TemporaryDirectory(prefix="lor2c_bench_") as tmp:
         tmp = Path(tmp)
         for round_ in range(args.rounds):

@@ -17,6 +17,8 @@ class RunStateLike(Protocol):
     metrics: Any  # .write(step, kind, values) and .event(step, kind, payload)
     step: int
     stop: bool  # set to end the loop after this step
+    total_steps: int
+    stop_votes: float  # ranks that saw a preemption signal, summed by the step's closing all-reduce
     data: Any  # the run's PreparedData (eval split and collator)
 
     @property

@@ -204,9 +204,29 @@ def _pin_trainable_whole(engine) -> None:
         if not p.ds_persist:
             p.ds_persist = True
             persistent.append(p)
+    if persistent:
+        # After each step (and each checkpoint) ZeRO-3 re-gathers the persistent list through
+        # `persistent[0].all_gather(list)`, which launches one collective per parameter: 2 per adapted
+        # module, a latency each. Route it through DeepSpeed's own coalesced gather: one flat
+        # collective per dtype for the whole list, as forward fetches modules.
+        persistent[0].all_gather = _gather_in_one_collective(persistent[0].all_gather)
     missing = [p for p in trainable if p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
     if missing:
         missing[0].all_gather(param_list=missing)
+
+
+def _gather_in_one_collective(per_parameter_gather):
+    def all_gather(param_list=None, async_op=False, hierarchy=0):
+        params = [p for p in (param_list or []) if p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
+        if async_op or not params:
+            return per_parameter_gather(param_list, async_op=async_op, hierarchy=hierarchy)
+        by_dtype: dict[torch.dtype, list] = {}
+        for p in params:  # a coalesced buffer holds one communication dtype
+            by_dtype.setdefault(p.ds_tensor.dtype, []).append(p)
+        for group in by_dtype.values():
+            group[0].all_gather_coalesced(group).wait()
+        return None
+    return all_gather
 
 
 def partition_report(engine) -> list[dict]:

@@ -19,7 +19,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from . import checkpoint
+from . import checkpoint, preemption
 from . import engine as ds
 from .adapters import apply_adapters, save_adapters, trainable_summary
 from .adapters.config import ConfigError
@@ -155,6 +155,7 @@ class RunState:
     last_saved_step: int | None = None
     run_id: str = ""  # kept across resumes; retention only deletes this run's checkpoints
     data: "PreparedData | None" = None  # the prepared splits, for callbacks that evaluate (prepared once)
+    stop_votes: float = 0.0  # ranks that saw a preemption signal, summed by the last step's all-reduce
 
     @property
     def output_dir(self) -> Path:
@@ -205,8 +206,11 @@ def _real_tokens(batch: dict) -> torch.Tensor:
     return mask.sum() if mask is not None else (batch["labels"] != -100).sum()
 
 
-def train_step(engine, micro: list[dict], task: str, world: int) -> dict:
-    """One optimizer step over this rank's micro-batches of one global batch; one host sync, at the end."""
+def train_step(engine, micro: list[dict], task: str, world: int, stop_vote: float = 0.0) -> dict:
+    """One optimizer step over this rank's micro-batches of one global batch; one host sync, at the end.
+
+    `stop_vote` (1.0: this rank saw a preemption signal) rides on the step's closing all-reduce; the
+    result's `stop_votes` is the sum over the ranks, so every rank decides to stop after the same step."""
     labels = [scored_labels(b, task) for b in micro]
     # The loss is the mean over every target of the global batch, whatever the ranks and
     # micro-steps: normalise by the global count (DeepSpeed averages gradients over both).
@@ -225,14 +229,14 @@ def train_step(engine, micro: list[dict], task: str, world: int) -> dict:
     norm = engine.get_global_grad_norm()
     norm = norm.detach().double().reshape(()).to(engine.device) if torch.is_tensor(norm) else \
         torch.tensor(float(norm or 0.0), dtype=torch.float64, device=engine.device)
-    loss, grad_norm, tokens = torch.stack([ds.all_reduce_sum(loss_sum) / targets, norm, counts[1]]).tolist()
-    return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens}
+    vote = torch.tensor(float(stop_vote), dtype=torch.float64, device=engine.device)
+    summed = ds.all_reduce_sum(torch.stack([loss_sum, vote]))
+    loss, grad_norm, tokens, votes = torch.stack([summed[0] / targets, norm, counts[1], summed[1]]).tolist()
+    return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens, "stop_votes": votes}
 
 
 def _log_preempted(state: RunState) -> None:
     """How long after the signal the checkpoint was complete (rank 0, when this rank saw the signal)."""
-    from . import preemption
-
     at = preemption.received_at()
     if state.rank == 0 and at is not None:
         seconds = time.time() - at
@@ -374,7 +378,8 @@ def run(cfg: TrainConfig, rank: int, world: int, callbacks: list[Callback] | Non
         batches = iter(loader)
         for _ in range(min(steps_per_epoch - done_in_epoch, total_steps - state.step)):
             micro = [{k: v.to(state.engine.device) for k, v in next(batches).items()} for _ in range(grad_accum)]
-            values = train_step(state.engine, micro, cfg.task, world)
+            values = train_step(state.engine, micro, cfg.task, world, stop_vote=preemption.local_vote())
+            state.stop_votes = values.pop("stop_votes")
             state.step += 1
             if state.step == (state.epoch + 1) * steps_per_epoch:
                 state.epoch += 1

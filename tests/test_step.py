@@ -116,9 +116,14 @@ class FakeEngine:
         return torch.linalg.vector_norm(torch.stack([p.detach().norm() for p in self.params]))
 
 
-def test_train_step_syncs_with_the_host_once(monkeypatch):
-    """Every tensor -> Python conversion that lor2c_ds/train.py makes during one step is counted."""
-    monkeypatch.setattr(train.ds, "all_reduce_sum", lambda t: t)  # one process: the sum over ranks is itself
+def test_a_step_and_its_preemption_vote_sync_with_the_host_once(monkeypatch):
+    """Every tensor -> Python conversion and every collective that lor2c_ds/train.py and the preemption
+    vote make during one step is counted: one host sync, and the vote rides on the step's last
+    all-reduce (no collective of its own)."""
+    from lor2c_ds import preemption
+
+    reductions = []
+    monkeypatch.setattr(train.ds, "all_reduce_sum", lambda t: reductions.append(t.shape) or t)  # one process
     engine = FakeEngine()
     g = torch.Generator().manual_seed(1)
     micro = []
@@ -129,22 +134,51 @@ def test_train_step_syncs_with_the_host_once(monkeypatch):
     syncs = []
     originals = {name: getattr(torch.Tensor, name) for name in ("item", "tolist", "__bool__", "__float__",
                                                                 "__int__", "cpu", "numpy")}
+    watched = {train.__file__, preemption.__file__}
 
     def counting(name):
         def call(self, *args, **kwargs):
             import sys
-            caller = sys._getframe(1).f_code.co_filename
-            if caller == train.__file__:
+            if sys._getframe(1).f_code.co_filename in watched:
                 syncs.append(name)
             return originals[name](self, *args, **kwargs)
         return call
 
+    run = train.RunState(cfg=None, engine=engine, rank=0, world=1, metrics=None, total_steps=10, steps_per_epoch=10)
+    callback = preemption.PreemptionCallback()
     for name in originals:
         monkeypatch.setattr(torch.Tensor, name, counting(name))
-    values = train.train_step(engine, micro, "causal_lm", world=1)
+    values = train.train_step(engine, micro, "causal_lm", world=1, stop_vote=0.0)
+    run.stop_votes, run.step = values.pop("stop_votes"), 1
+    callback.on_step_end(run)
     for name, fn in originals.items():
         monkeypatch.setattr(torch.Tensor, name, fn)
     assert syncs == ["tolist"], syncs
+    assert len(reductions) == 2, reductions  # the target counts before forward; loss and votes at the end
+    assert not run.stop and preemption.stopped_at() is None
     assert set(values) == {"loss", "lr", "grad_norm", "tokens"}
     assert all(isinstance(v, float) for v in values.values())
     assert values["tokens"] == 4 * 2 * 9 and values["loss"] > 0 and values["grad_norm"] > 0
+
+
+def test_one_rank_s_stop_vote_stops_the_run_after_that_step(monkeypatch):
+    from lor2c_ds import preemption
+
+    monkeypatch.setattr(train.ds, "all_reduce_sum", lambda t: t * 2)  # two ranks with the same values
+    engine = FakeEngine()
+    ids = torch.randint(0, 50, (2, 9), generator=torch.Generator().manual_seed(2))
+    micro = [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone(), "valid": torch.ones(2)}]
+    values = train.train_step(engine, micro, "causal_lm", world=2, stop_vote=1.0)
+    assert values["stop_votes"] == 2.0
+    run = train.RunState(cfg=None, engine=engine, rank=1, world=2, metrics=None, total_steps=10, steps_per_epoch=10,
+                         step=3, stop_votes=values["stop_votes"])
+    try:
+        preemption.PreemptionCallback().on_step_end(run)
+        assert run.stop and preemption.stopped_at() == 3
+        last = train.RunState(cfg=None, engine=engine, rank=1, world=2, metrics=None, total_steps=10,
+                              steps_per_epoch=10, step=10, stop_votes=1.0)
+        preemption.reset()
+        preemption.PreemptionCallback().on_step_end(last)  # the last step: the run ends anyway
+        assert not last.stop and preemption.stopped_at() is None
+    finally:
+        preemption.reset()
