@@ -5,6 +5,7 @@ import gc
 import json
 import logging
 import os
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -57,20 +58,40 @@ def _remove_module(model: nn.Module, name: str) -> None:
             parent._forward_pre_hooks_with_kwargs.pop(k, None)
 
 
-def from_pretrained(path: str | os.PathLike, **kwargs) -> nn.Module:
-    """Load an export in one call: plain transformers when nothing is left unfolded; otherwise the
-    backbone through transformers plus the LoR2C shortcuts from the same shards."""
+def _export_config(path: Path):
+    """(model class, config, lor2c_export section or None) of an export."""
     import transformers
     from transformers import CONFIG_MAPPING
 
-    path = Path(path)
     raw = json.loads((path / "config.json").read_text())
     cls = getattr(transformers, raw["architectures"][0])
     section = raw.pop(SECTION, None)
     if section is None:
-        return cls.from_pretrained(path, **kwargs)
+        return cls, None, None
     raw["model_type"] = section["base_model_type"]
-    config = CONFIG_MAPPING[raw["model_type"]].from_dict(raw)
+    return cls, CONFIG_MAPPING[raw["model_type"]].from_dict(raw), section
+
+
+def _attach_shortcuts(model: nn.Module, section: dict) -> None:
+    """The adapters of an export's section, as trained, less those folded into the weights."""
+    apply_adapters(model, AdapterConfig.from_dict(section["adapter_config"]))
+    if section.get("layout"):
+        from ..adapters import set_layout
+
+        set_layout(model, section["layout"])
+    for name in section["removed_modules"]:
+        _remove_module(model, name)
+
+
+def from_pretrained(path: str | os.PathLike, **kwargs) -> nn.Module:
+    """Load an export in one call: plain transformers when nothing is left unfolded; otherwise the
+    backbone through transformers plus the LoR2C shortcuts from the same shards."""
+    import transformers
+
+    path = Path(path)
+    cls, config, section = _export_config(path)
+    if section is None:
+        return cls.from_pretrained(path, **kwargs)
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # the shortcut keys are expected "unexpected" keys
     try:
@@ -82,13 +103,7 @@ def from_pretrained(path: str | os.PathLike, **kwargs) -> nn.Module:
     if info["missing_keys"] or extra:
         raise ExportError(f"{path} does not match its config: missing {sorted(info['missing_keys'])[:5]}, "
                           f"unexpected {extra[:5]}")
-    apply_adapters(model, AdapterConfig.from_dict(section["adapter_config"]))
-    if section.get("layout"):
-        from ..adapters import set_layout
-
-        set_layout(model, section["layout"])
-    for name in section["removed_modules"]:
-        _remove_module(model, name)
+    _attach_shortcuts(model, section)
     weight_map = json.loads((path / INDEX_NAME).read_text())["weight_map"]
     params = dict(model.named_parameters())
     lacking = sorted(set(params) - set(weight_map))
@@ -145,34 +160,87 @@ def compare(ref: list[torch.Tensor], got: list[torch.Tensor], batches: list[dict
     return max_abs, max_abs / max(scale, 1e-30)
 
 
-def parity(adapter_dir: Path, base: Path, exported: Path, plan, train_cfg, n: int,
-           exported_dtype: torch.dtype) -> dict | None:
-    """The trained model (base + adapters, as training computed it) against the export, one at a time."""
-    if n <= 0:
-        return None
+def _floor(ref, floor_logits, batches, plan) -> float:
+    return compare(ref, floor_logits, batches, plan.task)[1]
+
+
+def _whole_logits(adapter_dir: Path, base: Path, exported: Path, plan, batches, floor_dtype):
+    """The trained model loaded whole in fp32 (then cast for the floor), then the export loaded whole."""
     from ..adapters import load_adapters
 
-    batches, source = parity_batches(base, plan.task, plan.hf_config.vocab_size, n, train_cfg)
     ref_model = auto_class(plan.task).from_pretrained(base, config=model_config(base, plan.task, getattr(
         plan.hf_config, "num_labels", None)), dtype=torch.float32)
     load_adapters(ref_model, adapter_dir)
     ref = logits_of(ref_model, batches)
-    floor = None
-    if exported_dtype in UNIT_ROUNDOFF:  # the same trained model, unmerged, in the export's dtype
-        floor = compare(ref, logits_of(ref_model.to(exported_dtype), batches), batches, plan.task)[1]
+    floor = _floor(ref, logits_of(ref_model.to(floor_dtype), batches), batches, plan) if floor_dtype else None
     del ref_model
     gc.collect()
-    model = from_pretrained(exported, dtype=exported_dtype)
+    model = from_pretrained(exported, dtype=plan.exported_dtype)
     got = logits_of(model, batches)
-    del model
+    return ref, floor, got, None
+
+
+def _streamed_logits(adapter_dir: Path, base: Path, exported: Path, plan, batches, floor_dtype, converted):
+    """The same three forwards with weights read unit by unit (see streamed.py)."""
+    from .streamed import StreamingUnsupported, exported_model, reference_model
+
+    if plan.base_keys is None:
+        raise StreamingUnsupported("no mapping of model keys to base checkpoint keys was given")
+    config = model_config(base, plan.task, getattr(plan.hf_config, "num_labels", None))
+    ref_model = reference_model(adapter_dir, base, lambda: auto_class(plan.task).from_config(
+        config, dtype=torch.float32), plan.base_keys, converted)
+    ref = ref_model.logits(batches)
+    floor = _floor(ref, ref_model.to(floor_dtype).logits(batches), batches, plan) if floor_dtype else None
+    stats = ref_model.stats()
+    del ref_model
+    cls, config, section = _export_config(exported)
+    if config is None:
+        config = cls.config_class.from_pretrained(exported)
+    model = exported_model(exported, plan.exported_dtype, lambda: cls._from_config(config, dtype=plan.exported_dtype),
+                           None if section is None else partial(_attach_shortcuts, section=section),
+                           section["shortcut_tensors"] if section else [])
+    got = model.logits(batches)
+    return ref, floor, got, {k: max(v, stats[k]) for k, v in model.stats().items()}
+
+
+def parity(adapter_dir: Path, base: Path, exported: Path, plan, train_cfg, n: int,
+           exported_dtype: torch.dtype, converted: dict | None = None, base_keys: dict | None = None,
+           mode: str = "streamed") -> dict | None:
+    """The trained model (base + adapters, as training computed it) against the export, one at a time.
+
+    mode "streamed" (default) never holds a whole model: weights are read one unit (block, embedding,
+    head) at a time (streamed.py); where that cannot run, it says so in the log and loads whole models
+    ("whole", also selectable). `converted`: base tensors the merge already holds under model names;
+    `base_keys`: model key -> base checkpoint key (the merge's mapping)."""
+    if n <= 0:
+        return None
+    from types import SimpleNamespace
+
+    from .streamed import StreamingUnsupported
+
+    batches, source = parity_batches(base, plan.task, plan.hf_config.vocab_size, n, train_cfg)
+    floor_dtype = exported_dtype if exported_dtype in UNIT_ROUNDOFF else None
+    view = SimpleNamespace(task=plan.task, hf_config=plan.hf_config, exported_dtype=exported_dtype,
+                           base_keys=base_keys)
+    used, fallback = mode, None
+    if mode == "streamed":
+        try:
+            ref, floor, got, streamed = _streamed_logits(adapter_dir, base, exported, view, batches,
+                                                          floor_dtype, converted)
+        except StreamingUnsupported as e:
+            log.warning("parity: the streamed forward cannot run (%s); loading whole models instead", e)
+            used, fallback = "whole", str(e)
+    if used == "whole":
+        ref, floor, got, streamed = _whole_logits(adapter_dir, base, exported, view, batches, floor_dtype)
     max_abs, rel = compare(ref, got, batches, plan.task)
     bound = None
     if plan.exact:
         bound = EXACT_BOUND if floor is None else 2 * floor + UNIT_ROUNDOFF[exported_dtype]
     result = {"batches": len(batches), "source": source, "max_abs_diff": max_abs, "max_rel_diff": rel,
               "dtype_floor_rel_diff": floor, "bound": bound, "passed": None if bound is None else rel <= bound,
-              "what": "exact merge" if plan.exact else "approximate merge (its error, reported)"}
-    log.info("parity: max abs logit difference %.3g, relative %.3g (%s)", max_abs, rel, source)
+              "what": "exact merge" if plan.exact else "approximate merge (its error, reported)",
+              "parity_mode": used, **(streamed or {})}
+    if fallback:
+        result["parity_fallback"] = fallback
+    log.info("parity (%s): max abs logit difference %.3g, relative %.3g (%s)", used, max_abs, rel, source)
     return result
-
-

@@ -300,7 +300,8 @@ def _write_peft(plan: Plan, base: Path, target: Path) -> str | None:
     (target / "adapter_config.json").write_text(json.dumps({
         "peft_type": "LORA", "task_type": "SEQ_CLS" if plan.task == "classification" else "CAUSAL_LM",
         "base_model_name_or_path": str(base), "r": cfg.r, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout,
-        "target_modules": "(" + "|".join(re.escape(t) for t in sorted(targets)) + ")",  # exact names "fan_in_fan_out": conv, "bias": "none",
+        "target_modules": "(" + "|".join(re.escape(t) for t in sorted(targets)) + ")",  # exact names
+        "fan_in_fan_out": conv, "bias": "none",
         "modules_to_save": heads or None, "inference_mode": True,
     }, indent=2, sort_keys=True) + "\n")
     return None
@@ -446,7 +447,7 @@ def export(checkpoint: str | os.PathLike, base: str | os.PathLike, out: str | os
         }
         del plan.model
         report["parity"] = parity(adapter_dir, base, tmp, plan, train_cfg, parity_batches,
-                                  exported_dtype=out_dtype or base_dtype)
+                                  exported_dtype=out_dtype or base_dtype, converted=converted, base_keys=mapped)
         (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
         if report["parity"] and report["parity"]["passed"] is False:
             p = report["parity"]
