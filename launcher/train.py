@@ -15,12 +15,15 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 PREFLIGHT_DONE = "LOR2C_PREFLIGHT_DONE"
+PREFLIGHT_GATE = "LOR2C_PREFLIGHT_GATE"  # "<verdict file>:<launcher pid>", for ranks started beside pre-flight
 
 
 def parse_args(argv: list[str] | None):
@@ -102,13 +105,23 @@ def free_port() -> int:
 def spawn_local(nproc: int, argv: list[str], nodes: list[str] | None = None) -> int:
     """Re-run this command on `nproc` local ranks through torch.distributed.run (`nodes`: its
     multi-node arguments, for one launcher task per SLURM node)."""
+    return start_local(nproc, argv, nodes).wait()
+
+
+def start_local(nproc: int, argv: list[str], nodes: list[str] | None = None,
+                gate: Path | None = None) -> subprocess.Popen:
+    """Start torch.distributed.run on `nproc` local ranks; with `gate`, the ranks import what they need
+    and then wait, silent, for pre-flight's verdict in that file (`open_gate`)."""
     import signal
 
     nodes = nodes or ["--nnodes=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}"]
     # launcher.ranks: torch.distributed.run, without its own report of a failure the failing rank has told
     cmd = [sys.executable, "-m", "launcher.ranks", *nodes, f"--nproc_per_node={nproc}",
            "-m", "launcher.train", *argv]
-    env = dict(os.environ, **{PREFLIGHT_DONE: "1"})
+    # OMP_NUM_THREADS: torchrun's own default (1), set here so that it prints no banner about it
+    env = dict(os.environ, **{PREFLIGHT_DONE: "1"}, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    if gate is not None:
+        env[PREFLIGHT_GATE] = f"{gate}:{os.getpid()}"
     # torchrun starts each rank in a session of its own, so a signal sent to this process or its group
     # never reaches them. Inside an srun step SLURM signals every process of the step itself; elsewhere
     # SIGUSR1 and SIGTERM are handed to the ranks as SIGUSR1 (they stop after the same step with a
@@ -125,7 +138,59 @@ def spawn_local(nproc: int, argv: list[str], nodes: list[str] | None = None) -> 
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGUSR1, forward)
-    return child.wait()
+    return child
+
+
+def open_gate(gate: Path, ranks: subprocess.Popen, passed: bool) -> None:
+    """Hand pre-flight's verdict to the waiting ranks. On a failure they have done nothing but import:
+    stop torchrun (so that it starts no more), kill its ranks and reap it, at once."""
+    import signal
+
+    tmp = gate.with_suffix(".tmp")
+    tmp.write_text("ok" if passed else "fail")
+    os.replace(tmp, gate)
+    if passed:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(ranks.pid, signal.SIGSTOP)
+        for pid in _children(ranks.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        os.kill(ranks.pid, signal.SIGKILL)
+    ranks.wait()
+    shutil.rmtree(gate.parent, ignore_errors=True)
+
+
+def wait_for_preflight(gate_env: str) -> bool:
+    """In a rank started beside pre-flight: import the training stack (the slow part of a start) with
+    stdout and stderr silenced, then wait for the verdict; False when pre-flight failed (or its
+    process is gone), and the rank leaves without a word."""
+    import time
+
+    path, _, launcher_pid = gate_env.rpartition(":")
+    gate = Path(path)
+    saved = [os.dup(1), os.dup(2)]
+    quiet = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(quiet, 1)
+    os.dup2(quiet, 2)
+    try:
+        import lor2c_ds.train  # noqa: F401  (torch, transformers, DeepSpeed)
+        from lor2c_ds import engine  # noqa: F401
+
+        while not gate.exists():
+            try:
+                os.kill(int(launcher_pid), 0)
+            except ProcessLookupError:
+                return False
+            time.sleep(0.05)
+        return gate.read_text().strip() == "ok"
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, quiet):
+            os.close(fd)
 
 
 def _children(pid: int) -> list[int]:
@@ -228,18 +293,37 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.update(slurm_environment())
     launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     is_rank0 = os.environ.get("RANK", "0") == "0"
+    gate_env = os.environ.pop(PREFLIGHT_GATE, None) if launched else None
+    if gate_env and not wait_for_preflight(gate_env):
+        return 0  # pre-flight failed and said why; this rank did nothing
+    ranks = gate = None
     try:
         cfg = load_config(args.config, args.overrides)
         if not os.environ.get(PREFLIGHT_DONE) and is_rank0:
+            if not launched and not per_node and cfg.nproc > 1:
+                # the ranks start (and import torch, transformers, DeepSpeed) while pre-flight runs
+                gate = Path(tempfile.mkdtemp(prefix="lor2c_preflight_")) / "verdict"
+                ranks = start_local(cfg.nproc, argv, gate=gate)
             preflight(cfg)
             os.environ[PREFLIGHT_DONE] = "1"  # this process's rank, if any, need not say its warnings again
     except (ConfigError, DataError) as e:
         print(f"lor2c-train: error: {e}", file=sys.stderr)
+        if ranks is not None:
+            open_gate(gate, ranks, passed=False)
         return 2
+    except BaseException:
+        if ranks is not None:
+            open_gate(gate, ranks, passed=False)
+        raise
     if launched:
         return worker(cfg)
-    if per_node or cfg.nproc > 1:  # per_node: this srun task starts the node's ranks
-        code = spawn_local(cfg.nproc, argv, slurm_node_launcher_args() if per_node else None)
+    if ranks is not None or per_node or cfg.nproc > 1:  # per_node: this srun task starts the node's ranks
+        if ranks is not None:
+            open_gate(gate, ranks, passed=True)
+            code = ranks.wait()
+            shutil.rmtree(gate.parent, ignore_errors=True)
+        else:
+            code = spawn_local(cfg.nproc, argv, slurm_node_launcher_args() if per_node else None)
         # This process only waited for its ranks: leave without interpreter teardown, during which a
         # library thread left by pre-flight crashed it once (SIGSEGV in libpython after a complete run).
         sys.stdout.flush()
@@ -250,5 +334,11 @@ def main(argv: list[str] | None = None) -> int:
     return worker(cfg)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # a rank (torchrun runs `-m launcher.train`) or `python -m launcher.train`
+    exit_code = main()
+    # Everything is written and closed, the process group destroyed: skip the interpreter's teardown
+    # of torch, DeepSpeed and transformers (seconds per rank).
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(exit_code or 0)

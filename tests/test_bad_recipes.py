@@ -182,8 +182,15 @@ def in_process(monkeypatch):
     def past_preflight(*a, **k):
         raise AssertionError("the bad recipe got past pre-flight")
 
+    def verdict(gate, ranks, passed):  # the ranks start beside pre-flight (nproc > 1): none starts here
+        shutil.rmtree(gate.parent, ignore_errors=True)
+        if passed:
+            past_preflight()
+
     monkeypatch.setattr(train, "worker", past_preflight)
     monkeypatch.setattr(train, "spawn_local", past_preflight)
+    monkeypatch.setattr(train, "start_local", lambda *a, **k: object())
+    monkeypatch.setattr(train, "open_gate", verdict)
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_ID",
                 train.PREFLIGHT_DONE):
         monkeypatch.delenv(var, raising=False)

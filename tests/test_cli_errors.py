@@ -1,5 +1,6 @@
 """`python -m launcher.train` on bad input: exit code 2, one `lor2c-train: error:` line naming the
-problem, nothing written, and no DeepSpeed rank started (the preflight fails first).
+problem, nothing written, and no DeepSpeed rank started (the preflight fails first; with nproc > 1 the
+ranks have only imported, beside pre-flight, and are stopped at once).
 
 The subprocesses are independent, so they are all started up front from a module fixture and run a few
 at a time; each test then checks one of them.
@@ -241,3 +242,97 @@ def test_preflight_refuses_unknown_deepspeed_config(valid_recipe):
 
     with pytest.raises(ConfigError, match=r"deepspeed config 'zero4' not found .*named configs: \[.*'zero3'"):
         preflight(load_config(valid_recipe, ["deepspeed=zero4"]))
+
+
+def test_ranks_started_beside_preflight_leave_at_once_on_bad_input(tmp_path):
+    """nproc=2: the ranks start (and import) while pre-flight runs; on bad input they are stopped before
+    they do anything: one line, exit 2, nothing written, no process and no verdict file left."""
+    model_dir = _tiny_model_dir(tmp_path)
+    data = tmp_path / "data.csv"
+    data.write_text("sentence,label\n" + "".join(f"good {i},1\nbad {i},0\n" for i in range(4)))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / KEEP_NAME).write_text(KEEP_TEXT)
+    before = _snapshot(out)
+    recipe = {"model": str(model_dir), "task": "classification", "num_labels": 2,
+              "data": {"path": str(data), "max_length": 16}, "adapter": {"method": "lor2c", "r": 4},
+              "nproc": 2, "output_dir": str(out), "overwrite_output_dir": True, "max_steps": 1,
+              "global_batch_size": 4, "micro_batch_size": 2, "eval_before": False}
+    config = tmp_path / "recipe.yaml"
+    config.write_text(json.dumps(recipe))
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOR2C_PREFLIGHT_DONE",
+                        "OMP_NUM_THREADS")}
+    env.update(HF_DATASETS_CACHE=str(tmp_path / "hf"), HF_HUB_OFFLINE="1", TMPDIR=str(scratch))
+    proc = subprocess.run([sys.executable, "-m", "launcher.train", "--config", str(config)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert proc.stdout == "" and len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"{PREFIX}the train split ({data}) has no column 'text'"), proc.stderr
+    assert _snapshot(out) == before
+    assert not [p for p in scratch.iterdir() if p.name.startswith("lor2c_preflight_")]
+    left = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if str(config).encode() in cmdline.read_bytes():
+                left.append(cmdline.parent.name)
+        except OSError:
+            pass
+    assert not left, f"processes left running: {left}"
+
+
+def test_ranks_start_before_preflight_and_wait_for_its_verdict(tmp_path, monkeypatch):
+    import launcher.train as train
+
+    order = []
+
+    class Ranks:
+        def wait(self):
+            order.append("ranks ended")
+            return 0
+
+    def start_local(nproc, argv, nodes=None, gate=None):
+        order.append(("start", nproc, gate is not None))
+        return Ranks()
+
+    monkeypatch.setattr(train, "start_local", start_local)
+    monkeypatch.setattr(train, "preflight", lambda cfg: order.append("preflight"))
+    monkeypatch.setattr(train, "open_gate", lambda gate, ranks, passed: order.append(("verdict", passed)))
+
+    def exit_now(code):
+        raise SystemExit(code)
+
+    monkeypatch.setattr(train.os, "_exit", exit_now)
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_ID",
+                train.PREFLIGHT_DONE):
+        monkeypatch.delenv(var, raising=False)
+    config = tmp_path / "recipe.yaml"
+    config.write_text(json.dumps({"model": str(tmp_path), "data": {"path": str(tmp_path)}, "nproc": 2,
+                                  "output_dir": str(tmp_path / "out")}))
+    saved = dict(os.environ)
+    try:
+        with pytest.raises(SystemExit) as ended:
+            train.main(["--config", str(config)])
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    assert ended.value.code == 0
+    assert order == [("start", 2, True), "preflight", ("verdict", True), "ranks ended"]
+
+
+def test_a_rank_waiting_for_the_verdict_is_silent_and_leaves_when_the_launcher_is_gone(tmp_path, capfd):
+    from launcher.train import wait_for_preflight
+
+    gate = tmp_path / "verdict"
+    gate.write_text("ok")
+    assert wait_for_preflight(f"{gate}:{os.getpid()}") is True
+    gate.write_text("fail")
+    assert wait_for_preflight(f"{gate}:{os.getpid()}") is False
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    assert wait_for_preflight(f"{tmp_path / 'never'}:{gone.pid}") is False  # no verdict will come
+    captured = capfd.readouterr()
+    assert captured.out == "" and captured.err == ""
