@@ -15,7 +15,8 @@ from launcher.plan import main, shipped_shapes
 REPO = Path(__file__).resolve().parents[1]
 # published parameter counts (the shapes' model cards) and LoR2C r = 8: 2 r d L
 PUBLISHED = {"llama-2-7b": 6_738_415_616, "llama-2-13b": 13_015_864_320, "llama-2-70b": 68_976_648_192,
-             "llama-3-8b": 8_030_261_248, "qwen2-7b": 7_615_616_512, "qwen2-0.5b": 494_032_768}
+             "llama-3-8b": 8_030_261_248, "qwen2-7b": 7_615_616_512, "qwen2-0.5b": 494_032_768,
+             "tinyllama-1.1b": 1_100_048_384}
 CLUSTER = ["--nodes", "2", "--gpus-per-node", "8", "--gpu-mem", "80", "--net-gbps", "400"]
 MEMORY_KEYS = {"backbone", "hpz_secondary", "trainable", "trainable_partition", "optimizer_state", "gradients",
                "buffers", "gathered"}

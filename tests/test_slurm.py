@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 HOME = default_home()
 MINILM = HOME / "models" / "all-MiniLM-L6-v2"
 POLARITY = HOME / "data" / "polarity-en-pang-lee2.csv"
-STEPS = 8
+STEPS = 24  # tiny steps run at 10-20 per second: enough of them that a signal sent after step 2 arrives mid-run
 JOB_TIMEOUT = 240
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -184,7 +184,7 @@ def test_dead_rank_fails_the_slurm_job_at_once_naming_the_task(cluster, tmp_path
     from lor2c_ds.checkpoint import latest_complete
 
     out = tmp_path / "out"
-    job = submit(cluster, "lor2c_multinode.sbatch", tmp_path, "per_gpu", max_steps=STEPS * 5, save_every=2)
+    job = submit(cluster, "lor2c_multinode.sbatch", tmp_path, "per_gpu", max_steps=40, save_every=2)
     cluster.wait_state(job, {"RUNNING"}, 60)
     deadline = time.monotonic() + JOB_TIMEOUT
     while not (out / "checkpoints" / "step_4" / "run_state.json").is_file():
@@ -224,7 +224,7 @@ def test_dead_rank_ends_local_run_with_error_and_intact_checkpoint(tmp_path):
     cfg = recipe(tmp_path / "recipe.yaml", out)
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", LOR2C_DIST_TIMEOUT_S="60")
     cmd = [sys.executable, "-m", "launcher.train", "--config", str(cfg), "--set", "nproc=2",
-           "--set", "save_every=2", "--set", f"max_steps={STEPS * 4}"]
+           "--set", "save_every=2", "--set", "max_steps=32"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:

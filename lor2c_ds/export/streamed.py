@@ -260,13 +260,17 @@ class StreamedModel:
 
 
 def _groups(batches: list[dict]):
-    """(indices, one concatenated batch) per distinct set of keys, shapes (but rows) and dtypes."""
+    """(indices, one concatenated batch) per distinct set of keys, tensor shapes (but rows) and dtypes,
+    and other arguments' values (`use_cache=False` of packed rows), which pass through as they are."""
     groups: dict[tuple, list[int]] = {}
     for i, b in enumerate(batches):
-        sig = tuple((k, tuple(v.shape[1:]), v.dtype) for k, v in sorted(b.items()))
+        sig = tuple((k, tuple(v.shape[1:]), v.dtype) if torch.is_tensor(v) else (k, repr(v))
+                    for k, v in sorted(b.items()))
         groups.setdefault(sig, []).append(i)
     for rows in groups.values():
-        yield rows, {k: torch.cat([batches[i][k] for i in rows]) for k in batches[rows[0]]}
+        first = batches[rows[0]]
+        yield rows, {k: torch.cat([batches[i][k] for i in rows]) if torch.is_tensor(v) else v
+                     for k, v in first.items()}
 
 
 def _file_sources(files: dict[str, tuple[Path, str]]) -> dict[str, Callable]:
