@@ -251,8 +251,7 @@ def worker(spec: dict) -> None:
     import torch
 
     from lor2c_ds import engine as ds
-    from lor2c_ds import preemption
-    from lor2c_ds.train import RunState, default_callbacks, load_backbone, train_step
+    from lor2c_ds.train import RunState, default_callbacks, load_backbone, step_with_callbacks
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     rank, world = ds.init_distributed()
@@ -271,8 +270,9 @@ def worker(spec: dict) -> None:
     batch = {k: v.to(engine.device) for k, v in synthetic_batch(spec, model.config.vocab_size, rank).items()}
     batch["valid"] = torch.ones(spec["micro_batch"], device=engine.device)
 
-    def step():  # lor2c-train's own step (loss normalised by the global target count), one micro-batch
-        run.stop_votes = train_step(engine, [batch], spec["task"], world, stop_vote=preemption.local_vote())["stop_votes"]
+    def step():  # lor2c-train's own step (loss normalised by the global target count, the callbacks'
+        # sums on its closing all-reduce), one micro-batch
+        step_with_callbacks(run, [batch])
         run.step += 1
         for c in callbacks:
             c.on_step_end(run)

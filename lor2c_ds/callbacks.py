@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Protocol
 
+import torch
 from torch import nn
 
 
@@ -18,7 +19,6 @@ class RunStateLike(Protocol):
     step: int
     stop: bool  # set to end the loop after this step
     total_steps: int
-    stop_votes: float  # ranks that saw a preemption signal, summed by the step's closing all-reduce
     data: Any  # the run's PreparedData (eval split and collator)
 
     @property
@@ -46,6 +46,14 @@ class Callback:
         return model
 
     def on_train_start(self, run: RunStateLike) -> None: ...
+
+    def step_partials(self, run: RunStateLike) -> torch.Tensor | None:
+        """This rank's values to be summed over the ranks by the step's own closing all-reduce (1-D),
+        taken after the optimizer step; None for none. The sums come back through `on_step_sums`."""
+        return None
+
+    def on_step_sums(self, run: RunStateLike, sums: list[float]) -> None:
+        """The sums over the ranks of this step's `step_partials`, before any `on_step_end`."""
 
     def on_step_end(self, run: RunStateLike) -> None: ...
 

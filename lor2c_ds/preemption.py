@@ -1,8 +1,8 @@
 """Preemption: stop at a step boundary on SIGUSR1/SIGTERM, keep a checkpoint, requeue under SLURM.
 
 The signal handler only records the signal. Each step's closing all-reduce sums that flag over all
-ranks (`train_step(..., stop_vote=local_vote())`), and `PreemptionCallback.on_step_end` reads the sum,
-so every rank stops after the same step; the loop then writes its
+ranks (`PreemptionCallback.step_partials`), and `PreemptionCallback.on_step_end` reads the sum, so
+every rank stops after the same step; the loop then writes its
 checkpoint at once, before any end-of-training work (evaluation, ResLoRA's merge report, exports),
 and logs how long after the signal it was complete. Once every rank has left the process group, `finish` has rank 0
 run `scontrol requeue $SLURM_JOB_ID` (once), and the requeued job resumes from that checkpoint.
@@ -14,6 +14,8 @@ import os
 import signal
 import subprocess
 import time
+
+import torch
 
 from .callbacks import Callback
 
@@ -57,22 +59,25 @@ def reset() -> None:
     _requeued = False
 
 
-def local_vote() -> float:
-    """This rank's stop vote for the step that ends now: 1.0 once a preemption signal has arrived."""
-    return 1.0 if _received is not None else 0.0
-
-
 class PreemptionCallback(Callback):
-    """Stops every rank after the same step once any rank has received a preemption signal. The votes
-    were summed by the step's own closing all-reduce (`train_step(..., stop_vote=local_vote())`, kept in
-    `run.stop_votes`): no collective and no host sync of its own."""
+    """Stops every rank after the same step once any rank has received a preemption signal. Each rank's
+    vote rides on the step's closing all-reduce (`step_partials`): no collective, no host sync of its own."""
 
     name = "preemption"
+
+    def __init__(self):
+        self.votes = 0.0
+
+    def step_partials(self, run) -> torch.Tensor:
+        return torch.tensor([1.0 if _received is not None else 0.0], dtype=torch.float64, device=run.engine.device)
+
+    def on_step_sums(self, run, sums: list[float]) -> None:
+        self.votes = sums[0]
 
     def on_step_end(self, run) -> None:
         global _stopped_at
 
-        if run.stop_votes > 0 and run.step < run.total_steps:
+        if self.votes > 0 and run.step < run.total_steps:
             run.stop = True
             _stopped_at = run.step
             if run.rank == 0:

@@ -100,11 +100,19 @@ class ResLoRAStats:
     def step(self, model: nn.Module, reduce=lambda t: t, partition=None, rank: int = 0, gather=None) -> None:
         """End of an optimizer step: reduce the accumulators (one collective), reset them, push a row.
 
-        `reduce` sums a tensor over ranks in place; `partition`, `rank` and `gather` locate each rank's
-        part of the frozen weights for the "weights" rule (see `weight_partials`)."""
+        `reduce` sums a tensor over ranks; `partition`, `rank` and `gather` locate each rank's part of
+        the frozen weights for the "weights" rule (see `weight_partials`). In training the reduction
+        rides on the step's own all-reduce instead: `partials`, then `finish` with the sums."""
+        local = self.partials(model, partition, rank, gather)
+        if local is not None:
+            self.finish(model, reduce(local).reshape(-1).tolist())  # one host sync
+
+    def partials(self, model: nn.Module, partition=None, rank: int = 0, gather=None) -> torch.Tensor | None:
+        """This rank's accumulators (and weight-norm partials), one row per module, to be summed over the
+        ranks; resets the accumulators. None without ResLoRA modules."""
         mods = reslora_modules(model)
         if not mods:
-            return
+            return None
         self.names = [n for n, _ in mods]
         device = mods[0][1].lora_A.weight.device
         acc = torch.stack([m.acc.to(device) if m.acc is not None else torch.zeros(3, dtype=torch.float64,
@@ -112,17 +120,22 @@ class ResLoRAStats:
                            for _, m in mods])
         for _, m in mods:
             m.acc = None
-        weight = torch.full((len(mods),), float("nan"), dtype=torch.float64, device=device)
         if needs_weight_norms([m for _, m in mods]):
             local, low_rank = weight_partials(model, [m for _, m in mods], partition or _no_partition, rank,
                                               gather or _no_gather)
-            summed = reduce(torch.cat([acc, local[:, None]], dim=1))  # one collective for both
-            acc, weight = summed[:, :3], (summed[:, 3] + low_rank).clamp(min=0).sqrt()
-        else:
-            acc = reduce(acc)
-        row = torch.cat([acc, weight[:, None]], dim=1).tolist()  # WINDOW_FIELDS per module; one host sync
-        if all(r[2] > 0 for r in row):
-            self.window.append([v for r in row for v in r])
+            # s^2 ||B A||^2 is the same on every rank (the adapters are whole): rank 0 adds it to the sum
+            acc = torch.cat([acc, (local + low_rank if rank == 0 else local)[:, None]], dim=1)
+        return acc
+
+    def finish(self, model: nn.Module, sums: list[float]) -> None:
+        """The summed `partials` of this step: one row of WINDOW_FIELDS per module into the window."""
+        n = len(self.names)
+        width = len(sums) // n
+        rows = [sums[i * width:(i + 1) * width] for i in range(n)]
+        for r in rows:
+            r.append(math.sqrt(max(r.pop(), 0.0)) if width == 4 else math.nan)  # ||W + s B A||
+        if all(r[2] > 0 for r in rows):
+            self.window.append([v for r in rows for v in r])
             self.push_to(model)
 
 
@@ -303,11 +316,13 @@ class ResLoRACallback(Callback):
         self.stats.push_to(model)  # restored window (resume) or none
         return model
 
-    def on_step_end(self, run: RunStateLike) -> None:
+    def step_partials(self, run: RunStateLike) -> torch.Tensor | None:
         from . import engine as ds
 
-        self.stats.step(run.engine.module, reduce=ds.all_reduce_sum, partition=ds.local_partition, rank=run.rank,
-                        gather=ds.gathered)
+        return self.stats.partials(run.engine.module, partition=ds.local_partition, rank=run.rank, gather=ds.gathered)
+
+    def on_step_sums(self, run: RunStateLike, sums: list[float]) -> None:
+        self.stats.finish(run.engine.module, sums)
 
     def on_train_end(self, run: RunStateLike) -> None:
         from . import engine as ds

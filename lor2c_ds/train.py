@@ -10,6 +10,7 @@ import logging
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -155,7 +156,6 @@ class RunState:
     last_saved_step: int | None = None
     run_id: str = ""  # kept across resumes; retention only deletes this run's checkpoints
     data: "PreparedData | None" = None  # the prepared splits, for callbacks that evaluate (prepared once)
-    stop_votes: float = 0.0  # ranks that saw a preemption signal, summed by the last step's all-reduce
 
     @property
     def output_dir(self) -> Path:
@@ -206,11 +206,12 @@ def _real_tokens(batch: dict) -> torch.Tensor:
     return mask.sum() if mask is not None else (batch["labels"] != -100).sum()
 
 
-def train_step(engine, micro: list[dict], task: str, world: int, stop_vote: float = 0.0) -> dict:
+def train_step(engine, micro: list[dict], task: str, world: int,
+               partials: Callable[[], torch.Tensor | None] | None = None) -> dict:
     """One optimizer step over this rank's micro-batches of one global batch; one host sync, at the end.
 
-    `stop_vote` (1.0: this rank saw a preemption signal) rides on the step's closing all-reduce; the
-    result's `stop_votes` is the sum over the ranks, so every rank decides to stop after the same step."""
+    `partials()`, called after the optimizer step, gives this rank's other values to sum over the ranks
+    (1-D): they ride on the step's closing all-reduce, and their sums come back as `sums`."""
     labels = [scored_labels(b, task) for b in micro]
     # The loss is the mean over every target of the global batch, whatever the ranks and
     # micro-steps: normalise by the global count (DeepSpeed averages gradients over both).
@@ -229,10 +230,35 @@ def train_step(engine, micro: list[dict], task: str, world: int, stop_vote: floa
     norm = engine.get_global_grad_norm()
     norm = norm.detach().double().reshape(()).to(engine.device) if torch.is_tensor(norm) else \
         torch.tensor(float(norm or 0.0), dtype=torch.float64, device=engine.device)
-    vote = torch.tensor(float(stop_vote), dtype=torch.float64, device=engine.device)
-    summed = ds.all_reduce_sum(torch.stack([loss_sum, vote]))
-    loss, grad_norm, tokens, votes = torch.stack([summed[0] / targets, norm, counts[1], summed[1]]).tolist()
-    return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens, "stop_votes": votes}
+    extra = partials() if partials is not None else None
+    local = loss_sum.reshape(1) if extra is None else torch.cat([loss_sum.reshape(1),
+                                                                 extra.reshape(-1).to(engine.device, torch.float64)])
+    summed = ds.all_reduce_sum(local)
+    loss, grad_norm, tokens, *sums = torch.cat([torch.stack([summed[0] / targets, norm, counts[1]]),
+                                                summed[1:]]).tolist()
+    return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens, "sums": sums}
+
+
+def step_with_callbacks(state: "RunState", micro: list[dict]) -> dict:
+    """`train_step` with every callback's `step_partials` on its closing all-reduce, and the sums handed
+    back through `on_step_sums`, in callback order; returns the step's values."""
+    taken: list[tuple[Callback, int]] = []
+
+    def partials():
+        parts = []
+        for c in state.callbacks:
+            part = c.step_partials(state)
+            if part is not None:
+                parts.append(part.reshape(-1).to(torch.float64))
+                taken.append((c, parts[-1].numel()))
+        return torch.cat(parts) if parts else None
+
+    values = train_step(state.engine, micro, state.cfg.task, state.world, partials)
+    sums, offset = values.pop("sums"), 0
+    for c, n in taken:
+        c.on_step_sums(state, sums[offset:offset + n])
+        offset += n
+    return values
 
 
 def _log_preempted(state: RunState) -> None:
@@ -378,8 +404,7 @@ def run(cfg: TrainConfig, rank: int, world: int, callbacks: list[Callback] | Non
         batches = iter(loader)
         for _ in range(min(steps_per_epoch - done_in_epoch, total_steps - state.step)):
             micro = [{k: v.to(state.engine.device) for k, v in next(batches).items()} for _ in range(grad_accum)]
-            values = train_step(state.engine, micro, cfg.task, world, stop_vote=preemption.local_vote())
-            state.stop_votes = values.pop("stop_votes")
+            values = step_with_callbacks(state, micro)
             state.step += 1
             if state.step == (state.epoch + 1) * steps_per_epoch:
                 state.epoch += 1

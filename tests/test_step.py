@@ -2,6 +2,8 @@
 without holding a full fp32 copy of the logits, and `train_step` syncs with the host once per step."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -116,25 +118,44 @@ class FakeEngine:
         return torch.linalg.vector_norm(torch.stack([p.detach().norm() for p in self.params]))
 
 
-def test_a_step_and_its_preemption_vote_sync_with_the_host_once(monkeypatch):
-    """Every tensor -> Python conversion and every collective that lor2c_ds/train.py and the preemption
-    vote make during one step is counted: one host sync, and the vote rides on the step's last
-    all-reduce (no collective of its own)."""
-    from lor2c_ds import preemption
-
-    reductions = []
-    monkeypatch.setattr(train.ds, "all_reduce_sum", lambda t: reductions.append(t.shape) or t)  # one process
-    engine = FakeEngine()
-    g = torch.Generator().manual_seed(1)
+def _micro(n: int, seed: int) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
     micro = []
-    for _ in range(4):  # four accumulation micro-batches
+    for _ in range(n):
         ids = torch.randint(0, 50, (2, 9), generator=g)
         micro.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone(),
                       "valid": torch.ones(2)})
+    return micro
+
+
+class _Summed(train.Callback):
+    """A callback with values of its own to sum over the ranks."""
+
+    name = "summed"
+
+    def __init__(self):
+        self.sums = None
+
+    def step_partials(self, run):
+        return torch.tensor([2.0, 3.0], dtype=torch.float64)
+
+    def on_step_sums(self, run, sums):
+        self.sums = sums
+
+
+def test_a_step_and_its_callbacks_sync_with_the_host_once(monkeypatch):
+    """Every tensor -> Python conversion and every collective that lor2c_ds/train.py, the preemption
+    vote and ResLoRA's statistics make during one step is counted: one host sync, and the callbacks'
+    values ride on the step's last all-reduce (no collective of their own)."""
+    from lor2c_ds import preemption, reslora_training
+
+    reductions = []
+    monkeypatch.setattr(train.ds, "all_reduce_sum", lambda t: reductions.append(tuple(t.shape)) or t)  # one process
+    engine = FakeEngine()
     syncs = []
     originals = {name: getattr(torch.Tensor, name) for name in ("item", "tolist", "__bool__", "__float__",
                                                                 "__int__", "cpu", "numpy")}
-    watched = {train.__file__, preemption.__file__}
+    watched = {train.__file__, preemption.__file__, reslora_training.__file__}
 
     def counting(name):
         def call(self, *args, **kwargs):
@@ -144,41 +165,105 @@ def test_a_step_and_its_preemption_vote_sync_with_the_host_once(monkeypatch):
             return originals[name](self, *args, **kwargs)
         return call
 
-    run = train.RunState(cfg=None, engine=engine, rank=0, world=1, metrics=None, total_steps=10, steps_per_epoch=10)
-    callback = preemption.PreemptionCallback()
+    summed = _Summed()
+    run = train.RunState(cfg=type("Cfg", (), {"task": "causal_lm"})(), engine=engine, rank=0, world=1, metrics=None,
+                         total_steps=10, steps_per_epoch=10, callbacks=[preemption.PreemptionCallback(), summed])
     for name in originals:
         monkeypatch.setattr(torch.Tensor, name, counting(name))
-    values = train.train_step(engine, micro, "causal_lm", world=1, stop_vote=0.0)
-    run.stop_votes, run.step = values.pop("stop_votes"), 1
-    callback.on_step_end(run)
+    values = train.step_with_callbacks(run, _micro(4, seed=1))
+    run.step = 1
+    for c in run.callbacks:
+        c.on_step_end(run)
     for name, fn in originals.items():
         monkeypatch.setattr(torch.Tensor, name, fn)
     assert syncs == ["tolist"], syncs
-    assert len(reductions) == 2, reductions  # the target counts before forward; loss and votes at the end
-    assert not run.stop and preemption.stopped_at() is None
+    assert reductions == [(2,), (4,)], reductions  # the target counts before forward; loss + 3 values at the end
+    assert summed.sums == [2.0, 3.0] and not run.stop and preemption.stopped_at() is None
     assert set(values) == {"loss", "lr", "grad_norm", "tokens"}
     assert all(isinstance(v, float) for v in values.values())
     assert values["tokens"] == 4 * 2 * 9 and values["loss"] > 0 and values["grad_norm"] > 0
 
 
-def test_one_rank_s_stop_vote_stops_the_run_after_that_step(monkeypatch):
+def test_one_rank_s_stop_vote_stops_every_rank_after_that_step(monkeypatch):
     from lor2c_ds import preemption
 
     monkeypatch.setattr(train.ds, "all_reduce_sum", lambda t: t * 2)  # two ranks with the same values
     engine = FakeEngine()
-    ids = torch.randint(0, 50, (2, 9), generator=torch.Generator().manual_seed(2))
-    micro = [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone(), "valid": torch.ones(2)}]
-    values = train.train_step(engine, micro, "causal_lm", world=2, stop_vote=1.0)
-    assert values["stop_votes"] == 2.0
-    run = train.RunState(cfg=None, engine=engine, rank=1, world=2, metrics=None, total_steps=10, steps_per_epoch=10,
-                         step=3, stop_votes=values["stop_votes"])
+    cfg = type("Cfg", (), {"task": "causal_lm"})()
+    vote = preemption.PreemptionCallback()
+    run = train.RunState(cfg=cfg, engine=engine, rank=1, world=2, metrics=None, total_steps=10, steps_per_epoch=10,
+                         callbacks=[vote])
     try:
-        preemption.PreemptionCallback().on_step_end(run)
+        train.step_with_callbacks(run, _micro(1, seed=2))
+        run.step = 3
+        vote.on_step_end(run)
+        assert not run.stop and vote.votes == 0.0  # no signal yet
+        preemption._on_signal(preemption.signal.SIGUSR1, None)
+        train.step_with_callbacks(run, _micro(1, seed=2))
+        assert vote.votes == 2.0
+        vote.on_step_end(run)
         assert run.stop and preemption.stopped_at() == 3
-        last = train.RunState(cfg=None, engine=engine, rank=1, world=2, metrics=None, total_steps=10,
-                              steps_per_epoch=10, step=10, stop_votes=1.0)
+        last = train.RunState(cfg=cfg, engine=engine, rank=1, world=2, metrics=None, total_steps=10,
+                              steps_per_epoch=10, step=10)
         preemption.reset()
-        preemption.PreemptionCallback().on_step_end(last)  # the last step: the run ends anyway
+        vote.votes = 1.0
+        vote.on_step_end(last)  # the last step: the run ends anyway
         assert not last.stop and preemption.stopped_at() is None
     finally:
         preemption.reset()
+
+
+class ModelEngine(FakeEngine):
+    """FakeEngine over a real (tiny, conftest) causal LM."""
+
+    def __init__(self, model):
+        self.device, self.module = torch.device("cpu"), model
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.opt = torch.optim.SGD(self.params, lr=0.01)
+
+    def __call__(self, **inputs):
+        return self.module(**inputs)
+
+
+def test_reslora_statistics_ride_on_the_step_s_all_reduce(monkeypatch):
+    """ResLoRA's statistics (the weights rule: ||W + s B A|| too) come out of the step's closing
+    all-reduce with one host sync for the whole step, equal to what its standalone `step()` records."""
+    from conftest import make_model
+
+    from lor2c_ds import AdapterConfig, apply_adapters, reslora_training
+
+    def reslora_model():
+        model = make_model("llama")
+        apply_adapters(model, AdapterConfig(method="reslora", r=4, alpha=8.0, reslora_variant="is", pre_num=1,
+                                            merge_rule="weights"))
+        return model
+
+    monkeypatch.setattr(train.ds, "all_reduce_sum", lambda t: t)
+    micro = [{**b, "input_ids": b["input_ids"] % 32, "labels": b["labels"] % 32} for b in _micro(2, seed=4)]
+    callback = reslora_training.ResLoRACallback()
+    engine = ModelEngine(reslora_model())
+    callback.configure_model(engine.module)
+    run = train.RunState(cfg=type("Cfg", (), {"task": "causal_lm"})(), engine=engine, rank=0, world=1, metrics=None,
+                         total_steps=10, steps_per_epoch=10, callbacks=[callback])
+    syncs = []
+    tolist = torch.Tensor.tolist
+    watched = {train.__file__, reslora_training.__file__}
+
+    def counting(self, *a, **k):
+        import sys
+        if sys._getframe(1).f_code.co_filename in watched:
+            syncs.append("tolist")
+        return tolist(self, *a, **k)
+
+    monkeypatch.setattr(torch.Tensor, "tolist", counting)
+    train.step_with_callbacks(run, micro)
+    monkeypatch.setattr(torch.Tensor, "tolist", tolist)
+    assert syncs == ["tolist"], syncs
+    # the same step, statistics by the standalone path (its own reduction and host sync)
+    alone = ModelEngine(reslora_model())
+    stats = reslora_training.ResLoRAStats()
+    train.train_step(alone, micro, "causal_lm", world=1)
+    stats.step(alone.module)
+    got, want = callback.stats.window[-1], stats.window[-1]
+    assert len(got) == 4 * len(stats.names) and all(math.isfinite(v) for v in got)
+    assert got == pytest.approx(want, rel=1e-12)
