@@ -55,6 +55,14 @@ def run(cmd: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
     return proc
 
 
+def call(tool: str, argv: list[str]) -> None:
+    """lor2c-export / lor2c-eval in this process: its interpreter and imports are paid for already."""
+    import importlib
+
+    code = importlib.import_module(f"launcher.{tool}").main(argv)
+    assert code == 0, f"lor2c-{tool} {' '.join(argv)} exited {code}"
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_bf16_checkpoint_train_preempt_resume_export_load_eval(tmp_path, case, bf16_llama, bf16_bert):
     family, adapter = CASES[case]
@@ -86,7 +94,7 @@ def test_bf16_checkpoint_train_preempt_resume_export_load_eval(tmp_path, case, b
     final = metrics(out, "eval")[-1]
 
     export = tmp_path / "export"
-    run(["launcher.export", "--checkpoint", str(out), "--base", str(model), "--out", str(export), "--dtype", "bf16"])
+    call("export", ["--checkpoint", str(out), "--base", str(model), "--out", str(export), "--dtype", "bf16"])
     report = json.loads((export / "export_report.json").read_text())
     parity = report["parity"]
     print(f"{case}: bf16 export parity max abs {parity['max_abs_diff']:.3g}, relative {parity['max_rel_diff']:.3g}, "
@@ -111,11 +119,11 @@ def test_bf16_checkpoint_train_preempt_resume_export_load_eval(tmp_path, case, b
     assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
 
     metrics_file = tmp_path / "eval.json"
-    run(["launcher.eval", "--model", str(export), "--out", str(metrics_file)])
+    call("eval", ["--model", str(export), "--out", str(metrics_file)])
     evaluated = json.loads(metrics_file.read_text())["eval"]
     key = "perplexity" if family == "llama" else "accuracy"
     tol = 0.05 if report["exact_merge"] else 0.25  # bf16 training graph vs an fp32 evaluation of the export
     assert evaluated[key] == pytest.approx(final[key], rel=tol), (evaluated, final)
-    run(["launcher.eval", "--run", str(out), "--out", str(metrics_file)])  # the run's adapters on the bf16 base
+    call("eval", ["--run", str(out), "--out", str(metrics_file)])  # the run's adapters on the bf16 base
     of_run = json.loads(metrics_file.read_text())["eval"]
     assert of_run[key] == pytest.approx(final[key], rel=0.05), (of_run, final)
