@@ -218,7 +218,9 @@ def _pin_trainable_whole(engine) -> None:
 def _gather_in_one_collective(per_parameter_gather):
     def all_gather(param_list=None, async_op=False, hierarchy=0):
         params = [p for p in (param_list or []) if p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
-        if async_op or not params:
+        # hpZ: the coalesced gather reads the secondary (node-local) copy, which the step has not
+        # rewritten yet; DeepSpeed's own path reads the updated primary partition
+        if async_op or not params or any(getattr(p, "ds_secondary_tensor", None) is not None for p in params):
             return per_parameter_gather(param_list, async_op=async_op, hierarchy=hierarchy)
         by_dtype: dict[torch.dtype, list] = {}
         for p in params:  # a coalesced buffer holds one communication dtype
