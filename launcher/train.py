@@ -175,7 +175,9 @@ def wait_for_preflight(gate_env: str) -> bool:
     os.dup2(quiet, 2)
     try:
         import lor2c_ds.train  # noqa: F401  (torch, transformers, DeepSpeed)
-        from lor2c_ds import engine  # noqa: F401
+        from lor2c_ds import engine, preemption  # noqa: F401
+
+        preemption.install()  # a signal during pre-flight stops the run after its first step
 
         while not gate.exists():
             try:

@@ -336,3 +336,25 @@ def test_a_rank_waiting_for_the_verdict_is_silent_and_leaves_when_the_launcher_i
     assert wait_for_preflight(f"{tmp_path / 'never'}:{gone.pid}") is False  # no verdict will come
     captured = capfd.readouterr()
     assert captured.out == "" and captured.err == ""
+
+
+def test_a_signal_while_preflight_runs_is_kept_for_the_rank(tmp_path):
+    """A preemption signal that reaches a rank waiting for the verdict is recorded, not ignored: the run
+    then stops after its first step with a checkpoint, as for a signal during training."""
+    import signal
+
+    from launcher.train import wait_for_preflight
+    from lor2c_ds import preemption
+
+    saved = {sig: signal.getsignal(sig) for sig in preemption.SIGNALS}
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # what the rank inherits from the launcher
+    gate = tmp_path / "verdict"
+    gate.write_text("ok")
+    try:
+        assert wait_for_preflight(f"{gate}:{os.getpid()}") is True
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert preemption.received() == signal.SIGUSR1
+    finally:
+        preemption.reset()
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
