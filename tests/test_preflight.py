@@ -63,7 +63,8 @@ def _model_copy(model_dir: Path, dest: Path, skip=()) -> Path:
 
 def test_weights_missing(case, assets, tmp_path):
     model = _model_copy(assets[1], tmp_path / "m", skip={"model.safetensors"})
-    case({}, "holds no weights", "model", model=model)
+    line = case({}, "holds no weights", "model", model=model)
+    assert str(model) in line  # the directory it means
 
 
 def test_weights_truncated(case, assets, tmp_path):
@@ -77,42 +78,49 @@ def test_weights_truncated(case, assets, tmp_path):
 def test_weights_header_cut(case, assets, tmp_path):
     model = _model_copy(assets[1], tmp_path / "m")
     (model / "model.safetensors").write_bytes((model / "model.safetensors").read_bytes()[:100])
-    case({}, "is damaged", "model", model=model)
+    line = case({}, "is damaged", "model", model=model)
+    assert str(model) in line  # the directory it means
 
 
 def test_weight_index_names_a_missing_shard(case, assets, tmp_path):
     model = _model_copy(assets[1], tmp_path / "m", skip={"model.safetensors"})
     (model / "model.safetensors.index.json").write_text(json.dumps(
         {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
-    case({}, "names shard(s) ['model-00001-of-00002.safetensors', 'model-00002-of-00002.safetensors'] that are "
+    line = case({}, "names shard(s) ['model-00001-of-00002.safetensors', 'model-00002-of-00002.safetensors'] that are "
          "missing", "model", model=model)
+    assert str(model) in line  # the directory it means
 
 
 def test_config_json_broken(case, assets, tmp_path):
     model = _model_copy(assets[1], tmp_path / "m")
     (model / "config.json").write_text("{not json")
-    case({}, "config.json cannot be read", "model", model=model)
+    line = case({}, "config.json cannot be read", "model", model=model)
+    assert str(model) in line  # the directory it means
 
 
 def test_tokenizer_missing(case, assets, tmp_path):
     """transformers 5 builds an empty tokenizer from the config alone: pre-flight refuses it."""
     model = _model_copy(assets[1], tmp_path / "m", skip={"tokenizer.json", "tokenizer_config.json", "vocab.txt",
                                                         "special_tokens_map.json"})
-    case({}, "has no tokenizer", "model", model=model)
+    line = case({}, "has no tokenizer", "model", model=model)
+    assert str(model) in line  # the directory it means
 
 
 def test_unknown_lora_target_found_on_the_meta_model(case):
-    case({"adapter.method": "lora", "adapter.targets": ["q", "nope"]}, "unknown LoRA target(s) ['nope']", "LoRA target")
+    line = case({"adapter.method": "lora", "adapter.targets": ["q", "nope"]}, "unknown LoRA target(s) ['nope']", "LoRA target")
+    assert line.startswith("lor2c-train: error: ") and line.count("lor2c-train: error:") == 1
 
 
 def test_unknown_module_to_save(case):
-    case({"adapter.modules_to_save": ["no_such_head"]}, "adapter.modules_to_save names 'no_such_head'")
+    line = case({"adapter.modules_to_save": ["no_such_head"]}, "adapter.modules_to_save names 'no_such_head'")
+    assert line.startswith("lor2c-train: error: ") and line.count("lor2c-train: error:") == 1
 
 
 def test_rows_longer_than_the_model_positions(case, assets, tmp_path):
     long = tmp_path / "long.csv"
     long.write_text("text,label\n" + "".join(f"{' '.join(['good movie'] * 60)} {i},{i % 2}\n" for i in range(8)))
-    case({"data.path": str(long), "data.max_length": 200}, "but the model has 64 positions", "data.max_length")
+    line = case({"data.path": str(long), "data.max_length": 200}, "but the model has 64 positions", "data.max_length")
+    assert line.startswith("lor2c-train: error: ") and line.count("lor2c-train: error:") == 1
 
 
 # -- DeepSpeed JSON ----------------------------------------------------------------------------------
@@ -133,8 +141,9 @@ def test_deepspeed_json(case, tmp_path, content, expected):
 # -- world size and batch ----------------------------------------------------------------------------
 
 def test_nproc_3_does_not_split_the_batch(case):
-    case({"nproc": 3, "global_batch_size": 32, "micro_batch_size": 16},
+    line = case({"nproc": 3, "global_batch_size": 32, "micro_batch_size": 16},
          "global_batch_size=32 does not split over 3 ranks (nproc=3)", "global_batch_size")
+    assert "multiple of micro_batch_size x ranks = 48" in line  # what the split would need
 
 
 def test_nproc_3_micro_batch_does_not_divide(case):
@@ -143,12 +152,14 @@ def test_nproc_3_micro_batch_does_not_divide(case):
 
 
 def test_micro_batch_larger_than_global(case):
-    case({"global_batch_size": 32, "micro_batch_size": 64}, "micro_batch_size=64 is larger than global_batch_size=32")
+    line = case({"global_batch_size": 32, "micro_batch_size": 64}, "micro_batch_size=64 is larger than global_batch_size=32")
+    assert line.count("lor2c-train: error:") == 1
 
 
 def test_world_size_from_the_launcher_environment(case):
-    case({"global_batch_size": 4, "micro_batch_size": 2}, "(WORLD_SIZE=3)", "global_batch_size",
+    line = case({"global_batch_size": 4, "micro_batch_size": 2}, "(WORLD_SIZE=3)", "global_batch_size",
          env={"WORLD_SIZE": "3", "RANK": "0"})
+    assert "nproc" not in line  # the launcher's world size, not the recipe's
 
 
 def test_world_size_from_slurm_ntasks(assets, tmp_path):
@@ -203,27 +214,31 @@ def test_injection_schedule_by_steps_passes(assets, tmp_path):
     recipe.update(max_steps=3)
     recipe["adapter"].update(merges=1, event_every_steps=1)
     config.write_text(json.dumps(recipe))
-    preflight(load_config(config), env={})
+    assert preflight(load_config(config), env={}) is None  # no ConfigError
+    assert not (tmp_path / "out").exists()  # and pre-flight wrote nothing
 
 
 def test_label_column_mixing_numbers_and_strings(case, tmp_path):
     path = tmp_path / "mixed.jsonl"
     path.write_text("".join(json.dumps({"text": f"good movie {i}", "label": 1 if i % 2 else "pos"}) + "\n"
                             for i in range(10)))
-    case({"data.path": str(path), "data.format": "jsonl"}, "mixes numbers and strings (e.g. 1 and 'pos')",
+    line = case({"data.path": str(path), "data.format": "jsonl"}, "mixes numbers and strings (e.g. 1 and 'pos')",
          "data.label_field")
+    assert str(path) in line or "train split" in line
 
 
 def test_more_label_values_than_num_labels(case, tmp_path):
     path = tmp_path / "three.csv"
     path.write_text("text,label\n" + "".join(f"good movie {i},{i % 3}\n" for i in range(12)))
-    case({"data.path": str(path)}, "num_labels=2, but the train split", "num_labels")
+    line = case({"data.path": str(path)}, "num_labels=2, but the train split", "num_labels")
+    assert "3" in line.split("num_labels=2", 1)[1]  # the values it found
 
 
 def test_broken_multiple_choice_file(case, tmp_path):
     path = tmp_path / "mc.jsonl"
     path.write_text("{not json\n")
-    case({"eval.multiple_choice_path": str(path)}, "not valid JSON", "eval.multiple_choice_path")
+    line = case({"eval.multiple_choice_path": str(path)}, "not valid JSON", "eval.multiple_choice_path")
+    assert str(path) in line
 
 
 # -- resuming --------------------------------------------------------------------------------------
