@@ -10,8 +10,8 @@ Protocol, the same for every method of a task:
 - the other seeds run at the chosen rate; the table reports the test split, mean ± sd over the seeds,
   the trainable parameters at the end of training (after any merge or injection), minutes per run.
 
-Every run is one `lor2c-train` process with its recipe written to `<out>/<task>/<method>/lr<lr>-seed<s>/
-recipe.yaml`. `results.json` keeps every finished run, so an interrupted benchmark resumes where it
+Every run is one `lor2c-train` process: its recipe is `<out>/<task>/<method>/lr<lr>-seed<s>/recipe.yaml`,
+its output directory `run/` beside it. `results.json` keeps every finished run, so an interrupted benchmark resumes where it
 stopped. Writes `table.md` (the README table) and prints it.
 """
 from __future__ import annotations
@@ -47,7 +47,7 @@ TASKS = {
     "pair": dict(model=MINILM, task="classification", num_labels=3,
                  data=_splits("pair", text_pair_field="text_pair", max_length=96, max_train_examples=1200)),
 }
-COMMON = dict(precision="fp32", deepspeed="zero3", nproc=1, epochs=2, global_batch_size=16, micro_batch_size=16,
+COMMON = dict(precision="bf16", deepspeed="zero3", nproc=1, epochs=2, global_batch_size=16, micro_batch_size=16,
               weight_decay=0.01, warmup_ratio=0.06, eval_before=False, log_every=10)
 ADAPTER = dict(r=8, alpha=16, dropout=0.1)
 METHODS = {
@@ -56,7 +56,14 @@ METHODS = {
     "ShareLoR2C": {"method": "share_lor2c"},
     "IMLoR2C": {"method": "lor2c", "merges": 2, "injections": 2},
     "ResLoRA-bs": {"method": "reslora", "reslora_variant": "bs", "targets": ["q", "v"]},
-    "LoR2C+pooler": {"method": "lor2c", "modules_to_save": ["classifier", "bert.pooler"]},
+}
+# one change to a method, trained at the learning rate chosen for that method on the same task
+ABLATIONS = {
+    "LoR2C +pooler": ("LoR2C", {"modules_to_save": ["classifier", "bert.pooler"]}),
+    "LoR2C dropout 0": ("LoR2C", {"dropout": 0.0}),
+    "LoR2C r 16": ("LoR2C", {"r": 16, "alpha": 32}),
+    "LoR2C 2-block spans": ("LoR2C", {"spans": [[0, 1], [2, 3], [4, 5]]}),
+    "LoRA r 4": ("LoRA", {"r": 4, "alpha": 8}),
 }
 LOWER_IS_BETTER = {"perplexity", "loss"}
 
@@ -65,21 +72,29 @@ def metric_of(task: str) -> str:
     return "perplexity" if TASKS[task]["task"] in ("chat", "causal_lm") else "accuracy"
 
 
+def adapter_of(name: str) -> dict:
+    if name in ABLATIONS:
+        base, change = ABLATIONS[name]
+        return {**ADAPTER, **METHODS[base], **change}
+    return {**ADAPTER, **METHODS[name]}
+
+
 def recipe(task: str, method: str, lr: float, seed: int, out: Path) -> dict:
     spec = TASKS[task]
-    return {**spec, **COMMON, "adapter": {**ADAPTER, **METHODS[method]}, "lr": lr, "seed": seed,
+    return {**spec, **COMMON, "adapter": adapter_of(method), "lr": lr, "seed": seed,
             "output_dir": str(out), "overwrite_output_dir": True}
 
 
 def run_one(cfg: dict, out: Path) -> dict:
-    """Train one recipe; its final validation row, test row, trainable count and minutes."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "recipe.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    """Train one recipe into `out`; its final validation row, test row, trainable count and minutes."""
+    folder = out.parent  # the recipe and the log sit beside the output directory, which a re-run replaces
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "recipe.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "launcher.train", "--config", str(out / "recipe.yaml")],
+    proc = subprocess.run([sys.executable, "-m", "launcher.train", "--config", str(folder / "recipe.yaml")],
                           capture_output=True, text=True)
     minutes = (time.perf_counter() - start) / 60
-    (out / "stdout.log").write_text(proc.stdout + proc.stderr)
+    (folder / "stdout.log").write_text(proc.stdout + proc.stderr)
     if proc.returncode:
         raise RuntimeError(f"run in {out} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     trainable = next(line for line in proc.stdout.splitlines() if line.startswith("trainable params"))
@@ -100,39 +115,56 @@ def _key(task: str, method: str, lr: float, seed: int) -> str:
     return f"{task}|{method}|{lr:g}|{seed}"
 
 
+def chosen_lr(results: dict, task: str, method: str, lrs: list[float], first_seed: int) -> float | None:
+    """The rate chosen for `method` on `task` (an ablation's: its base method's), once its grid has run."""
+    method = ABLATIONS[method][0] if method in ABLATIONS else method
+    grid = {lr: results[k] for lr in lrs if (k := _key(task, method, lr, first_seed)) in results}
+    return choose_lr(grid, metric_of(task)) if len(grid) == len(lrs) else None
+
+
 def table(results: dict, tasks: list[str], methods: list[str], lrs: list[float], seeds: list[int]) -> str:
     lines = ["| task | method | trainable params | test (mean ± sd) | seeds | lr (validation) | min/run |",
              "|---|---|---|---|---|---|---|"]
     for task in tasks:
         metric = metric_of(task)
         for method in methods:
-            grid = {lr: results[k] for lr in lrs if (k := _key(task, method, lr, seeds[0])) in results}
-            if len(grid) < len(lrs):
+            lr = chosen_lr(results, task, method, lrs, seeds[0])
+            runs = [results[k] for s in seeds if lr is not None and (k := _key(task, method, lr, s)) in results]
+            if not runs:
                 continue
-            lr = choose_lr(grid, metric)
-            runs = [results[k] for s in seeds if (k := _key(task, method, lr, s)) in results]
             values = [r["test"][metric] for r in runs]
             sd = statistics.stdev(values) if len(values) > 1 else 0.0
-            val = ", ".join(f"{x:g}: {grid[x]['validation'][metric]:.4f}" for x in sorted(grid))
+            if method in ABLATIONS:
+                how = f"{ABLATIONS[method][0]}'s"
+            else:
+                how = ", ".join(f"{x:g}: {results[_key(task, method, x, seeds[0])]['validation'][metric]:.4f}"
+                                for x in sorted(lrs))
             minutes = statistics.mean(r["minutes"] for r in runs)
             lines.append(f"| {task} | {method} | {runs[-1]['trainable']:,d} | {metric} {statistics.mean(values):.4f}"
-                         f" ± {sd:.4f} | {len(values)} | {lr:g} ({val}) | {minutes:.1f} |")
+                         f" ± {sd:.4f} | {len(values)} | {lr:g} ({how}) | {minutes:.1f} |")
     return "\n".join(lines) + "\n"
+
+
+def _names(text: str, known: dict, what: str, parser) -> list[str]:
+    names = [x for x in text.split(",") if x] if text != "all" else list(known)
+    bad = [x for x in names if x not in known]
+    if bad:
+        parser.error(f"unknown {what} {bad[0]!r}; known: {', '.join(known)}")
+    return names
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="quality", description=__doc__.splitlines()[0])
     p.add_argument("--tasks", default=",".join(TASKS))
-    p.add_argument("--methods", default="LoRA,LoR2C,ShareLoR2C,IMLoR2C,ResLoRA-bs")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--ablations", default="", help="variants to run after the methods (names, or all)")
     p.add_argument("--lrs", default="5e-4,2e-3", help="the validation grid (first seed)")
     p.add_argument("--seeds", default="1,2,3")
     p.add_argument("--out", default="runs/quality")
     args = p.parse_args(argv)
-    tasks, methods = args.tasks.split(","), args.methods.split(",")
-    for name, known in (("task", TASKS), ("method", METHODS)):
-        bad = [x for x in (tasks if name == "task" else methods) if x not in known]
-        if bad:
-            p.error(f"unknown {name} {bad[0]!r}; known: {', '.join(known)}")
+    tasks = _names(args.tasks, TASKS, "task", p)
+    methods = _names(args.methods, METHODS, "method", p)
+    ablations = _names(args.ablations, ABLATIONS, "ablation", p)
     missing = [t for t in tasks if not Path(TASKS[t]["data"]["path"]).is_file()]
     if missing:
         p.error(f"task data missing for {', '.join(missing)}: run `lor2c-assets --quality`")
@@ -140,26 +172,34 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {}
+    rows = methods + ablations
 
     def ensure(task, method, lr, seed):
         key = _key(task, method, lr, seed)
         if key not in results:  # resumable: finished runs are kept
-            folder = out / task / method.lower() / f"lr{lr:g}-seed{seed}"
-            results[key] = run_one(recipe(task, method, lr, seed, folder), folder)
+            name = method.lower().replace(" ", "_")
+            run_dir = out / task / name / f"lr{lr:g}-seed{seed}" / "run"
+            results[key] = run_one(recipe(task, method, lr, seed, run_dir), run_dir)
             (out / "results.json").write_text(json.dumps(results, indent=2))
             r = results[key]
             print(key, r["trainable"], f"val {r['validation'][metric_of(task)]:.4f}",
                   f"test {r['test'][metric_of(task)]:.4f}", f"{r['minutes']:.1f} min", flush=True)
-        return results[key]
+        (out / "table.md").write_text(table(results, tasks, rows, lrs, seeds))
 
     for task in tasks:
         for method in methods:
-            grid = {lr: ensure(task, method, lr, seeds[0]) for lr in lrs}
-            chosen = choose_lr(grid, metric_of(task))
+            for lr in lrs:
+                ensure(task, method, lr, seeds[0])
             for seed in seeds[1:]:
-                ensure(task, method, chosen, seed)
-            (out / "table.md").write_text(table(results, tasks, methods, lrs, seeds))
-    text = table(results, tasks, methods, lrs, seeds)
+                ensure(task, method, chosen_lr(results, task, method, lrs, seeds[0]), seed)
+    for task in tasks:
+        for name in ablations:
+            lr = chosen_lr(results, task, name, lrs, seeds[0])
+            if lr is None:
+                p.error(f"ablation {name!r} needs {ABLATIONS[name][0]} on {task} first (add it to --methods)")
+            for seed in seeds:
+                ensure(task, name, lr, seed)
+    text = table(results, tasks, rows, lrs, seeds)
     (out / "table.md").write_text(text)
     print(text)
     return 0

@@ -139,3 +139,44 @@ def test_every_recipe_differs_only_in_adapter_lr_and_seed(tmp_path):
     differing = {k for k in a if a[k] != b[k]}
     assert differing == {"adapter", "lr", "seed", "output_dir"}
     assert {k: a["adapter"][k] for k in ("r", "alpha", "dropout")} == {"r": 8, "alpha": 16, "dropout": 0.1}
+
+
+def test_a_run_keeps_its_recipe_beside_the_output_directory_that_training_replaces(tmp_path, monkeypatch):
+    import subprocess
+
+    import yaml
+
+    def fake_train(cmd, **kwargs):  # what lor2c-train does with overwrite_output_dir: replace the folder
+        cfg = yaml.safe_load(open(cmd[cmd.index("--config") + 1]))
+        out = tmp_path / "s" / "lora" / "lr0.002-seed1" / "run"
+        assert cfg["output_dir"] == str(out)
+        out.mkdir(parents=True)
+        rows = [{"kind": "eval", "accuracy": 0.5}, {"kind": "topology", "event": "merge"},
+                {"kind": "eval", "accuracy": 0.7}, {"kind": "test", "accuracy": 0.6}]
+        (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return subprocess.CompletedProcess(cmd, 0, "trainable params: 1,234 || all params: 9\n", "")
+    monkeypatch.setattr(quality.subprocess, "run", fake_train)
+    run_dir = tmp_path / "s" / "lora" / "lr0.002-seed1" / "run"
+    result = quality.run_one(quality.recipe("sentiment", "LoRA", 2e-3, 1, run_dir), run_dir)
+    assert (result["trainable"], result["validation"]["accuracy"], result["test"]["accuracy"]) == (1234, 0.7, 0.6)
+    assert result["events"] == [{"kind": "topology", "event": "merge"}]
+    assert yaml.safe_load((run_dir.parent / "recipe.yaml").read_text())["lr"] == 2e-3
+    assert (run_dir.parent / "stdout.log").is_file()
+
+
+def test_an_ablation_runs_at_its_base_methods_chosen_rate():
+    results = {"topic|LoR2C|0.0005|1": _run(0.9, 0.8), "topic|LoR2C|0.002|1": _run(0.8, 0.9),
+               "topic|LoR2C +pooler|0.0005|1": _run(0.0, 0.85, trainable=300),
+               "topic|LoR2C +pooler|0.002|1": _run(0.0, 0.10)}  # not at the chosen rate: not reported
+    assert quality.chosen_lr(results, "topic", "LoR2C +pooler", [5e-4, 2e-3], 1) == 5e-4
+    rows = quality.table(results, ["topic"], ["LoR2C +pooler"], [5e-4, 2e-3], [1]).splitlines()[2:]
+    assert rows == ["| topic | LoR2C +pooler | 300 | accuracy 0.8500 ± 0.0000 | 1 | 0.0005 (LoR2C's) | 1.0 |"]
+    assert quality.adapter_of("LoR2C +pooler")["modules_to_save"] == ["classifier", "bert.pooler"]
+    assert quality.adapter_of("LoR2C +pooler")["method"] == "lor2c"
+
+
+def test_unknown_names_are_refused_with_the_known_ones(capsys):
+    with pytest.raises(SystemExit) as e:
+        quality.main(["--methods", "LoRA,Nope"])
+    assert e.value.code == 2
+    assert "unknown method 'Nope'; known: LoRA, LoR2C" in capsys.readouterr().err
