@@ -60,9 +60,10 @@ METHODS = {
 # one change to a method, trained at the learning rate chosen for that method on the same task
 ABLATIONS = {
     "LoR2C +pooler": ("LoR2C", {"modules_to_save": ["classifier", "bert.pooler"]}),
+    "LoRA +pooler": ("LoRA", {"modules_to_save": ["classifier", "bert.pooler"]}),
     "LoR2C dropout 0": ("LoR2C", {"dropout": 0.0}),
-    "LoR2C r 16": ("LoR2C", {"r": 16, "alpha": 32}),
     "LoR2C 2-block spans": ("LoR2C", {"spans": [[0, 1], [2, 3], [4, 5]]}),
+    "LoR2C r 16": ("LoR2C", {"r": 16, "alpha": 32}),
     "LoRA r 4": ("LoRA", {"r": 4, "alpha": 8}),
 }
 LOWER_IS_BETTER = {"perplexity", "loss"}
@@ -145,6 +146,39 @@ def table(results: dict, tasks: list[str], methods: list[str], lrs: list[float],
     return "\n".join(lines) + "\n"
 
 
+def _train_losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if r["kind"] == "train"}
+
+
+def event_effects(results: dict, out: Path, tasks: list[str], lrs: list[float], seed: int,
+                  window: int = 30) -> str:
+    """What each IMLoR2C event costs: the training loss over the `window` steps after the event minus
+    the `window` steps before, against LoR2C's over the same steps (same rate, seed and data order);
+    and the final validation and test metric of the two runs."""
+    lines = ["| task | lr | event (step) | loss change IMLoR2C | loss change LoR2C | final val / test IMLoR2C | "
+             "final val / test LoR2C |", "|---|---|---|---|---|---|---|"]
+    for task in tasks:
+        metric = metric_of(task)
+        for lr in lrs:
+            im, lc = _key(task, "IMLoR2C", lr, seed), _key(task, "LoR2C", lr, seed)
+            if im not in results or lc not in results:
+                continue
+            losses = {m: _train_losses(out / task / m.lower() / f"lr{lr:g}-seed{seed}" / "run")
+                      for m in ("IMLoR2C", "LoR2C")}
+
+            def change(m, step):
+                before = [v for s, v in losses[m].items() if step - window < s <= step]
+                after = [v for s, v in losses[m].items() if step < s <= step + window]
+                return statistics.mean(after) - statistics.mean(before) if before and after else float("nan")
+            finals = " | ".join(f"{results[k]['validation'][metric]:.4f} / {results[k]['test'][metric]:.4f}"
+                                for k in (im, lc))
+            for e in results[im]["events"]:
+                lines.append(f"| {task} | {lr:g} | {e['event']} {e.get('adapter', '')} ({e['step']}) | "
+                             f"{change('IMLoR2C', e['step']):+.4f} | {change('LoR2C', e['step']):+.4f} | {finals} |")
+    return "\n".join(lines) + "\n"
+
+
 def _names(text: str, known: dict, what: str, parser) -> list[str]:
     names = [x for x in text.split(",") if x] if text != "all" else list(known)
     bad = [x for x in names if x not in known]
@@ -202,6 +236,10 @@ def main(argv=None) -> int:
     text = table(results, tasks, rows, lrs, seeds)
     (out / "table.md").write_text(text)
     print(text)
+    if "IMLoR2C" in methods and "LoR2C" in methods:
+        events = event_effects(results, out, tasks, lrs, seeds[0])
+        (out / "events.md").write_text(events)
+        print(events)
     return 0
 
 

@@ -5,6 +5,7 @@ Runs on every rank of an initialised process group. Rank 0 writes the logs (Tens
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -71,11 +72,26 @@ def whole_modules(model: torch.nn.Module, names) -> list[str]:
     return found
 
 
+def never_trained(model: torch.nn.Module, skip: list[str]) -> list[str]:
+    """Linear modules outside `skip` whose bias is exactly zero in every entry: shipped as initialised
+    (e.g. the pooler of a sentence-transformers checkpoint, trained with mean pooling), since no
+    training step leaves every bias at 0. Gathered under ZeRO-3 (every rank walks the same modules)."""
+    found = []
+    for name, module in model.named_modules():
+        if (isinstance(module, torch.nn.Linear) and module.bias is not None
+                and not any(name == s or name.startswith(f"{s}.") for s in skip)):
+            with ds.gathered([module.bias]):
+                if not torch.count_nonzero(module.bias):
+                    found.append(name)
+    return found
+
+
 def load_model(cfg: TrainConfig, ds_config: dict):
     """The backbone with the recipe's adapters attached.
 
-    A module the checkpoint lacks (a classification head's pooler, say) is trained with the head, so
-    that the head never reads through frozen random weights; `adapter.modules_to_save` overrides."""
+    A module the checkpoint lacks (a classification head's pooler, say), or ships as never trained
+    (`never_trained`), is trained with the head, so that the head never reads through frozen random
+    weights; `adapter.modules_to_save` overrides."""
     model = load_backbone(cfg, ds_config)
     heads = [h for h in spec_for(model).heads if hasattr(model, h)]
     new = [m for m in model.newly_initialised if not any(m == h or m.startswith(f"{h}.") for h in heads)]
@@ -85,19 +101,22 @@ def load_model(cfg: TrainConfig, ds_config: dict):
     if inside:
         raise ConfigError(f"model {cfg.model}: the checkpoint lacks weights of {inside[:3]} inside the block stack; "
                           "it does not match its config")
-    if new:
-        size = sum(getattr(p, "ds_numel", 0) or p.numel() for m in new for p in model.get_submodule(m).parameters())
+    untrained = never_trained(model, [stack, *heads, *model.newly_initialised])
+    why = {**{m: "not in the checkpoint (initialised at random)" for m in new},
+           **{m: "in the checkpoint as initialised (its bias is exactly 0)" for m in untrained}}
+    for reason in dict.fromkeys(why.values()):
+        names = [m for m in why if why[m] == reason]
+        size = sum(getattr(p, "ds_numel", 0) or p.numel() for m in names for p in model.get_submodule(m).parameters())
         if cfg.adapter.modules_to_save is None:
-            cfg.adapter.modules_to_save = heads + new
-            log.info("%s not in the checkpoint (initialised at random): trained with the head, %s parameters; "
-                     "adapter.modules_to_save overrides", ", ".join(new), f"{size:,d}")
-        else:
-            frozen = [m for m in new if m not in cfg.adapter.modules_to_save]
-            if frozen:
-                log.warning("%s not in the checkpoint (initialised at random) and left frozen by "
-                            "adapter.modules_to_save", ", ".join(frozen))
+            log.info("%s %s: trained with the head, %s parameters; adapter.modules_to_save overrides",
+                     ", ".join(names), reason, f"{size:,d}")
+        elif frozen := [m for m in names if m not in cfg.adapter.modules_to_save]:
+            log.warning("%s %s and left frozen by adapter.modules_to_save", ", ".join(frozen), reason)
+    adapter = cfg.adapter  # the recipe stays as written: a resume compares it with the checkpoint's
+    if why and adapter.modules_to_save is None:
+        adapter = dataclasses.replace(adapter, modules_to_save=heads + list(why))
     torch.manual_seed(cfg.seed)  # identical adapter initialisation on every rank
-    return apply_adapters(model, cfg.adapter)
+    return apply_adapters(model, adapter)
 
 
 def load_tokenizer(path: str):

@@ -180,3 +180,17 @@ def test_unknown_names_are_refused_with_the_known_ones(capsys):
         quality.main(["--methods", "LoRA,Nope"])
     assert e.value.code == 2
     assert "unknown method 'Nope'; known: LoRA, LoR2C" in capsys.readouterr().err
+
+
+def test_an_events_cost_is_the_loss_change_across_it_against_lor2c_on_the_same_steps(tmp_path):
+    def metrics(method, losses):
+        run = tmp_path / "pair" / method.lower() / "lr0.002-seed1" / "run"
+        run.mkdir(parents=True)
+        run.joinpath("metrics.jsonl").write_text("".join(
+            json.dumps({"step": s, "kind": "train", "loss": v}) + "\n" for s, v in losses.items()))
+    metrics("IMLoR2C", {10: 1.0, 20: 0.8, 30: 1.2, 40: 1.0})  # the event at step 20 raises the loss
+    metrics("LoR2C", {10: 1.0, 20: 0.8, 30: 0.7, 40: 0.6})
+    results = {"pair|IMLoR2C|0.002|1": {**_run(0.5, 0.4), "events": [{"step": 20, "event": "merge", "adapter": "0-1"}]},
+               "pair|LoR2C|0.002|1": _run(0.6, 0.5)}
+    rows = quality.event_effects(results, tmp_path, ["pair"], [2e-3], 1, window=20).splitlines()[2:]
+    assert rows == ["| pair | 0.002 | merge 0-1 (20) | +0.2000 | -0.2500 | 0.5000 / 0.4000 | 0.6000 / 0.5000 |"]
