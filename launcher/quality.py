@@ -57,10 +57,13 @@ METHODS = {
     "IMLoR2C": {"method": "lor2c", "merges": 2, "injections": 2},
     "ResLoRA-bs": {"method": "reslora", "reslora_variant": "bs", "targets": ["q", "v"]},
 }
-# one change to a method, trained at the learning rate chosen for that method on the same task
+# one change to a method (adapter fields, or "lr"), trained at the learning rate chosen for that method
+# on the same task unless the change is the rate
 ABLATIONS = {
     "LoR2C +pooler": ("LoR2C", {"modules_to_save": ["classifier", "bert.pooler"]}),
     "LoRA +pooler": ("LoRA", {"modules_to_save": ["classifier", "bert.pooler"]}),
+    "LoR2C lr 4e-3": ("LoR2C", {"lr": 4e-3}),
+    "LoRA lr 4e-3": ("LoRA", {"lr": 4e-3}),
     "LoR2C dropout 0": ("LoR2C", {"dropout": 0.0}),
     "LoR2C 2-block spans": ("LoR2C", {"spans": [[0, 1], [2, 3], [4, 5]]}),
     "LoR2C r 16": ("LoR2C", {"r": 16, "alpha": 32}),
@@ -76,7 +79,7 @@ def metric_of(task: str) -> str:
 def adapter_of(name: str) -> dict:
     if name in ABLATIONS:
         base, change = ABLATIONS[name]
-        return {**ADAPTER, **METHODS[base], **change}
+        return {**ADAPTER, **METHODS[base], **{k: v for k, v in change.items() if k != "lr"}}
     return {**ADAPTER, **METHODS[name]}
 
 
@@ -117,8 +120,12 @@ def _key(task: str, method: str, lr: float, seed: int) -> str:
 
 
 def chosen_lr(results: dict, task: str, method: str, lrs: list[float], first_seed: int) -> float | None:
-    """The rate chosen for `method` on `task` (an ablation's: its base method's), once its grid has run."""
-    method = ABLATIONS[method][0] if method in ABLATIONS else method
+    """The rate chosen for `method` on `task` (an ablation's: its base method's, or its own), once its
+    grid has run."""
+    if method in ABLATIONS:
+        if "lr" in ABLATIONS[method][1]:
+            return ABLATIONS[method][1]["lr"]
+        method = ABLATIONS[method][0]
     grid = {lr: results[k] for lr in lrs if (k := _key(task, method, lr, first_seed)) in results}
     return choose_lr(grid, metric_of(task)) if len(grid) == len(lrs) else None
 
@@ -136,7 +143,7 @@ def table(results: dict, tasks: list[str], methods: list[str], lrs: list[float],
             values = [r["test"][metric] for r in runs]
             sd = statistics.stdev(values) if len(values) > 1 else 0.0
             if method in ABLATIONS:
-                how = f"{ABLATIONS[method][0]}'s"
+                how = "the change" if "lr" in ABLATIONS[method][1] else f"{ABLATIONS[method][0]}'s"
             else:
                 how = ", ".join(f"{x:g}: {results[_key(task, method, x, seeds[0])]['validation'][metric]:.4f}"
                                 for x in sorted(lrs))

@@ -194,3 +194,11 @@ def test_an_events_cost_is_the_loss_change_across_it_against_lor2c_on_the_same_s
                "pair|LoR2C|0.002|1": _run(0.6, 0.5)}
     rows = quality.event_effects(results, tmp_path, ["pair"], [2e-3], 1, window=20).splitlines()[2:]
     assert rows == ["| pair | 0.002 | merge 0-1 (20) | +0.2000 | -0.2500 | 0.5000 / 0.4000 | 0.6000 / 0.5000 |"]
+
+
+def test_an_ablation_of_the_rate_runs_at_its_own_rate_with_the_base_adapter():
+    assert quality.chosen_lr({}, "sentiment", "LoR2C lr 4e-3", [5e-4, 2e-3], 1) == 4e-3
+    assert quality.adapter_of("LoR2C lr 4e-3") == quality.adapter_of("LoR2C")
+    results = {"sentiment|LoR2C lr 4e-3|0.004|1": _run(0.0, 0.7)}
+    rows = quality.table(results, ["sentiment"], ["LoR2C lr 4e-3"], [5e-4, 2e-3], [1]).splitlines()[2:]
+    assert rows == ["| sentiment | LoR2C lr 4e-3 | 100 | accuracy 0.7000 ± 0.0000 | 1 | 0.004 (the change) | 1.0 |"]
