@@ -119,24 +119,28 @@ def _key(task: str, method: str, lr: float, seed: int) -> str:
     return f"{task}|{method}|{lr:g}|{seed}"
 
 
-def chosen_lr(results: dict, task: str, method: str, lrs: list[float], first_seed: int) -> float | None:
+def chosen_lr(results: dict, task: str, method: str, lrs: list[float], first_seed: int,
+              lr_from: str | None = None) -> float | None:
     """The rate chosen for `method` on `task` (an ablation's: its base method's, or its own), once its
-    grid has run."""
+    grid has run; with `lr_from`, the rate chosen on that task's validation split instead."""
     if method in ABLATIONS:
         if "lr" in ABLATIONS[method][1]:
             return ABLATIONS[method][1]["lr"]
         method = ABLATIONS[method][0]
+    task = lr_from or task
     grid = {lr: results[k] for lr in lrs if (k := _key(task, method, lr, first_seed)) in results}
     return choose_lr(grid, metric_of(task)) if len(grid) == len(lrs) else None
 
 
-def table(results: dict, tasks: list[str], methods: list[str], lrs: list[float], seeds: list[int]) -> str:
+def table(results: dict, tasks: list[str], methods: list[str], lrs: list[float], seeds: list[int],
+          lr_from: str | None = None) -> str:
     lines = ["| task | method | trainable params | test (mean ± sd) | seeds | lr (validation) | min/run |",
              "|---|---|---|---|---|---|---|"]
     for task in tasks:
         metric = metric_of(task)
         for method in methods:
-            lr = chosen_lr(results, task, method, lrs, seeds[0])
+            source = lr_from if lr_from and lr_from != task else None
+            lr = chosen_lr(results, task, method, lrs, seeds[0], source)
             runs = [results[k] for s in seeds if lr is not None and (k := _key(task, method, lr, s)) in results]
             if not runs:
                 continue
@@ -144,6 +148,8 @@ def table(results: dict, tasks: list[str], methods: list[str], lrs: list[float],
             sd = statistics.stdev(values) if len(values) > 1 else 0.0
             if method in ABLATIONS:
                 how = "the change" if "lr" in ABLATIONS[method][1] else f"{ABLATIONS[method][0]}'s"
+            elif source:
+                how = f"chosen on {source}"
             else:
                 how = ", ".join(f"{x:g}: {results[_key(task, method, x, seeds[0])]['validation'][metric]:.4f}"
                                 for x in sorted(lrs))
@@ -163,7 +169,7 @@ def event_effects(results: dict, out: Path, tasks: list[str], lrs: list[float], 
     """What each IMLoR2C event costs: the training loss over the `window` steps after the event minus
     the `window` steps before, against LoR2C's over the same steps (same rate, seed and data order);
     and the final validation and test metric of the two runs."""
-    lines = ["| task | lr | event (step) | loss change IMLoR2C | loss change LoR2C | final val / test IMLoR2C | "
+    lines = ["| task | lr | events (step) | loss change IMLoR2C | loss change LoR2C | final val / test IMLoR2C | "
              "final val / test LoR2C |", "|---|---|---|---|---|---|---|"]
     for task in tasks:
         metric = metric_of(task)
@@ -180,9 +186,13 @@ def event_effects(results: dict, out: Path, tasks: list[str], lrs: list[float], 
                 return statistics.mean(after) - statistics.mean(before) if before and after else float("nan")
             finals = " | ".join(f"{results[k]['validation'][metric]:.4f} / {results[k]['test'][metric]:.4f}"
                                 for k in (im, lc))
+            at: dict[int, list[str]] = {}  # events of one step act together
             for e in results[im]["events"]:
-                lines.append(f"| {task} | {lr:g} | {e['event']} {e.get('adapter', '')} ({e['step']}) | "
-                             f"{change('IMLoR2C', e['step']):+.4f} | {change('LoR2C', e['step']):+.4f} | {finals} |")
+                where = e.get("merged_span") or e.get("block", e.get("adapter", ""))
+                at.setdefault(e["step"], []).append(f"{e['event']} {where}")
+            for step, names in at.items():
+                lines.append(f"| {task} | {lr:g} | {' + '.join(names)} ({step}) | "
+                             f"{change('IMLoR2C', step):+.4f} | {change('LoR2C', step):+.4f} | {finals} |")
     return "\n".join(lines) + "\n"
 
 
@@ -201,6 +211,8 @@ def main(argv=None) -> int:
     p.add_argument("--ablations", default="", help="variants to run after the methods (names, or all)")
     p.add_argument("--lrs", default="5e-4,2e-3", help="the validation grid (first seed)")
     p.add_argument("--seeds", default="1,2,3")
+    p.add_argument("--lr-from", default=None, metavar="TASK",
+                   help="use the rate each method chose on TASK's validation split (run first) for the other tasks")
     p.add_argument("--out", default="runs/quality")
     args = p.parse_args(argv)
     tasks = _names(args.tasks, TASKS, "task", p)
@@ -225,22 +237,35 @@ def main(argv=None) -> int:
             r = results[key]
             print(key, r["trainable"], f"val {r['validation'][metric_of(task)]:.4f}",
                   f"test {r['test'][metric_of(task)]:.4f}", f"{r['minutes']:.1f} min", flush=True)
-        (out / "table.md").write_text(table(results, tasks, rows, lrs, seeds))
+        (out / "table.md").write_text(table(results, tasks, rows, lrs, seeds, args.lr_from))
+
+    if args.lr_from and args.lr_from not in TASKS:
+        p.error(f"unknown task {args.lr_from!r} for --lr-from; known: {', '.join(TASKS)}")
+
+    def source(task):
+        return args.lr_from if args.lr_from and args.lr_from != task else None
 
     for task in tasks:
         for method in methods:
+            if source(task):
+                lr = chosen_lr(results, task, method, lrs, seeds[0], source(task))
+                if lr is None:
+                    p.error(f"--lr-from {args.lr_from}: {method} has not run its grid there yet")
+                for seed in seeds:
+                    ensure(task, method, lr, seed)
+                continue
             for lr in lrs:
                 ensure(task, method, lr, seeds[0])
             for seed in seeds[1:]:
                 ensure(task, method, chosen_lr(results, task, method, lrs, seeds[0]), seed)
     for task in tasks:
         for name in ablations:
-            lr = chosen_lr(results, task, name, lrs, seeds[0])
+            lr = chosen_lr(results, task, name, lrs, seeds[0], source(task))
             if lr is None:
                 p.error(f"ablation {name!r} needs {ABLATIONS[name][0]} on {task} first (add it to --methods)")
             for seed in seeds:
                 ensure(task, name, lr, seed)
-    text = table(results, tasks, rows, lrs, seeds)
+    text = table(results, tasks, rows, lrs, seeds, args.lr_from)
     (out / "table.md").write_text(text)
     print(text)
     if "IMLoR2C" in methods and "LoR2C" in methods:

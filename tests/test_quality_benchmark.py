@@ -190,10 +190,11 @@ def test_an_events_cost_is_the_loss_change_across_it_against_lor2c_on_the_same_s
             json.dumps({"step": s, "kind": "train", "loss": v}) + "\n" for s, v in losses.items()))
     metrics("IMLoR2C", {10: 1.0, 20: 0.8, 30: 1.2, 40: 1.0})  # the event at step 20 raises the loss
     metrics("LoR2C", {10: 1.0, 20: 0.8, 30: 0.7, 40: 0.6})
-    results = {"pair|IMLoR2C|0.002|1": {**_run(0.5, 0.4), "events": [{"step": 20, "event": "merge", "adapter": "0-1"}]},
+    events = [{"step": 20, "event": "merge", "merged_span": [0, 1]}, {"step": 20, "event": "inject", "block": 3}]
+    results = {"pair|IMLoR2C|0.002|1": {**_run(0.5, 0.4), "events": events},
                "pair|LoR2C|0.002|1": _run(0.6, 0.5)}
     rows = quality.event_effects(results, tmp_path, ["pair"], [2e-3], 1, window=20).splitlines()[2:]
-    assert rows == ["| pair | 0.002 | merge 0-1 (20) | +0.2000 | -0.2500 | 0.5000 / 0.4000 | 0.6000 / 0.5000 |"]
+    assert rows == ["| pair | 0.002 | merge [0, 1] + inject 3 (20) | +0.2000 | -0.2500 | 0.5000 / 0.4000 | 0.6000 / 0.5000 |"]
 
 
 def test_an_ablation_of_the_rate_runs_at_its_own_rate_with_the_base_adapter():
@@ -202,3 +203,14 @@ def test_an_ablation_of_the_rate_runs_at_its_own_rate_with_the_base_adapter():
     results = {"sentiment|LoR2C lr 4e-3|0.004|1": _run(0.0, 0.7)}
     rows = quality.table(results, ["sentiment"], ["LoR2C lr 4e-3"], [5e-4, 2e-3], [1]).splitlines()[2:]
     assert rows == ["| sentiment | LoR2C lr 4e-3 | 100 | accuracy 0.7000 ± 0.0000 | 1 | 0.004 (the change) | 1.0 |"]
+
+
+def test_with_lr_from_a_task_takes_the_rate_each_method_chose_on_that_tasks_validation_split():
+    results = {"sentiment|LoRA|0.0005|1": _run(0.60, 0.0), "sentiment|LoRA|0.002|1": _run(0.70, 0.0),
+               "pair|LoRA|0.002|1": _run(0.0, 0.50), "pair|LoRA|0.002|2": _run(0.0, 0.54),
+               "pair|LoRA|0.0005|1": _run(0.9, 0.9)}  # a stray run at the other rate is not reported
+    assert quality.chosen_lr(results, "pair", "LoRA", [5e-4, 2e-3], 1, lr_from="sentiment") == 2e-3
+    assert quality.chosen_lr(results, "pair", "LoRA +pooler", [5e-4, 2e-3], 1, lr_from="sentiment") == 2e-3
+    rows = quality.table(results, ["sentiment", "pair"], ["LoRA"], [5e-4, 2e-3], [1, 2], "sentiment").splitlines()[2:]
+    assert rows[1] == "| pair | LoRA | 100 | accuracy 0.5200 ± 0.0283 | 2 | 0.002 (chosen on sentiment) | 1.0 |"
+    assert rows[0].startswith("| sentiment | LoRA | 100 | accuracy 0.0000 ± 0.0000 | 1 | 0.002 (0.0005: 0.6000")
