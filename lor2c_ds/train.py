@@ -104,7 +104,8 @@ def load_model(cfg: TrainConfig, ds_config: dict):
     untrained = never_trained(model, [stack, *heads, *model.newly_initialised])
     why = {**{m: "not in the checkpoint (initialised at random)" for m in new},
            **{m: "in the checkpoint as initialised (its bias is exactly 0)" for m in untrained}}
-    for reason in dict.fromkeys(why.values()):
+    said_by_this_rank = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    for reason in dict.fromkeys(why.values()) if said_by_this_rank else ():  # said once, by rank 0
         names = [m for m in why if why[m] == reason]
         size = sum(getattr(p, "ds_numel", 0) or p.numel() for m in names for p in model.get_submodule(m).parameters())
         if cfg.adapter.modules_to_save is None:

@@ -183,7 +183,8 @@ def test_cli_end_to_end_on_real_minilm(tmp_path):
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_12"
     trainable = int(next(x for x in proc.stdout.splitlines() if x.startswith("trainable params")).split()[2]
                     .replace(",", ""))
-    assert trainable == 37_634 + 384 * 384 + 384  # the pooler trains with the head
+    assert trainable == 37_634 + 384 * 384 + 384  # the pooler trains with the head, as one line says once
+    assert (proc.stdout + proc.stderr).count("bert.pooler.dense in the checkpoint as initialised") == 1
     ckpt_bytes = sum(f.stat().st_size for f in (out / "checkpoints").rglob("*") if f.is_file())
     assert 16 * trainable < ckpt_bytes < 16 * trainable + 500_000, (ckpt_bytes, trainable)
     train_rows = metrics(out, "train")
