@@ -7,12 +7,15 @@ Protocol, the same for every method of a task:
 - the same model, epochs, batch, schedule, rank r, alpha and dropout (`TASKS`, `COMMON`);
 - the learning rate is chosen per (task, method) on the validation split: one run per value of `--lrs`
   with the first seed, the best final validation metric wins (accuracy up, perplexity down);
+  (`--lr-from TASK`: the rate each method chose on TASK's validation split, for the other tasks);
 - the other seeds run at the chosen rate; the table reports the test split, mean ± sd over the seeds,
-  the trainable parameters at the end of training (after any merge or injection), minutes per run.
+  the trainable parameters at the end of training (after any merge or injection), minutes per run;
+- `--ablations`: one change to a method (`ABLATIONS`), at that method's chosen rate, every seed.
 
 Every run is one `lor2c-train` process: its recipe is `<out>/<task>/<method>/lr<lr>-seed<s>/recipe.yaml`,
-its output directory `run/` beside it. `results.json` keeps every finished run, so an interrupted benchmark resumes where it
-stopped. Writes `table.md` (the README table) and prints it.
+its output directory `run/` beside it. `results.json` keeps every finished run, so an interrupted
+benchmark resumes where it stopped. Writes `table.md` (the README table) and, with IMLoR2C and LoR2C
+among the methods, `events.md` (what each event costs), and prints them.
 """
 from __future__ import annotations
 
