@@ -76,14 +76,15 @@ def never_trained(model: torch.nn.Module, skip: list[str]) -> list[str]:
     """Linear modules outside `skip` whose bias is exactly zero in every entry: shipped as initialised
     (e.g. the pooler of a sentence-transformers checkpoint, trained with mean pooling), since no
     training step leaves every bias at 0. Gathered under ZeRO-3 (every rank walks the same modules)."""
-    found = []
-    for name, module in model.named_modules():
-        if (isinstance(module, torch.nn.Linear) and module.bias is not None
-                and not any(name == s or name.startswith(f"{s}.") for s in skip)):
-            with ds.gathered([module.bias]):
-                if not torch.count_nonzero(module.bias):
-                    found.append(name)
-    return found
+    candidates = {name: module.bias for name, module in model.named_modules()
+                  if isinstance(module, torch.nn.Linear) and module.bias is not None and not _within(name, skip)}
+    with ds.gathered(list(candidates.values())):  # one gather for all of them
+        return [name for name, bias in candidates.items() if not torch.count_nonzero(bias)]
+
+
+def _within(name: str, prefixes) -> bool:
+    """`name` is one of the modules `prefixes` or inside one of them."""
+    return any(name == p or name.startswith(f"{p}.") for p in prefixes)
 
 
 def load_model(cfg: TrainConfig, ds_config: dict):
@@ -94,7 +95,7 @@ def load_model(cfg: TrainConfig, ds_config: dict):
     weights; `adapter.modules_to_save` overrides."""
     model = load_backbone(cfg, ds_config)
     heads = [h for h in spec_for(model).heads if hasattr(model, h)]
-    new = [m for m in model.newly_initialised if not any(m == h or m.startswith(f"{h}.") for h in heads)]
+    new = [m for m in model.newly_initialised if not _within(m, heads)]
     blocks = find_blocks(model, spec_for(model))
     stack = next(name for name, module in model.named_modules() if module is blocks)
     inside = [m for m in new if m.startswith(f"{stack}.")]

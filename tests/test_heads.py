@@ -69,17 +69,6 @@ def test_pooler_shipped_as_initialised_trains_with_the_head(tmp_path, caplog):
                      "head, 1,056 parameters; adapter.modules_to_save overrides"]
 
 
-def test_pooler_shipped_as_initialised_left_frozen_by_modules_to_save_warns(tmp_path, caplog):
-    path = _checkpoint(tmp_path, "bert", untouched=("bert.pooler.",))
-    cfg = TrainConfig(model=str(path), adapter=AdapterConfig(method="lor2c", r=4, modules_to_save=["classifier"]))
-    with caplog.at_level(logging.INFO, logger="lor2c_ds.train"):
-        model = load_model(cfg, {})
-    assert not any(n.startswith("bert.pooler") for n in _trainable(model))
-    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
-        "bert.pooler.dense in the checkpoint as initialised (its bias is exactly 0) and left frozen by "
-        "adapter.modules_to_save"]
-
-
 def test_shipped_pooler_stays_frozen(tmp_path):
     cfg = TrainConfig(model=str(_checkpoint(tmp_path, "bert")), adapter=AdapterConfig(method="lor2c", r=4))
     model = load_model(cfg, {})
@@ -87,15 +76,17 @@ def test_shipped_pooler_stays_frozen(tmp_path):
     assert not any(n.startswith("bert.pooler") for n in _trainable(model))
 
 
-def test_modules_to_save_overrides_and_warns(tmp_path, caplog):
-    path = _checkpoint(tmp_path, "bert", drop=("bert.pooler.",))
+@pytest.mark.parametrize("case, reason", [
+    ({"drop": ("bert.pooler.",)}, "bert.pooler not in the checkpoint (initialised at random)"),
+    ({"untouched": ("bert.pooler.",)}, "bert.pooler.dense in the checkpoint as initialised (its bias is exactly 0)")])
+def test_modules_to_save_overrides_and_warns(tmp_path, caplog, case, reason):
+    path = _checkpoint(tmp_path, "bert", **case)
     cfg = TrainConfig(model=str(path), adapter=AdapterConfig(method="lor2c", r=4, modules_to_save=["classifier"]))
     with caplog.at_level(logging.INFO, logger="lor2c_ds.train"):
         model = load_model(cfg, {})
     assert not any(n.startswith("bert.pooler") for n in _trainable(model))
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING and r.name == "lor2c_ds.train"]
-    assert [r.getMessage() for r in warnings] == [
-        "bert.pooler not in the checkpoint (initialised at random) and left frozen by adapter.modules_to_save"]
+    assert [r.getMessage() for r in warnings] == [f"{reason} and left frozen by adapter.modules_to_save"]
 
 
 def test_weights_missing_inside_the_block_stack_are_refused(tmp_path):
