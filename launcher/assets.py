@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bf16", action="store_true",
                         help="also write bf16 copies of the models (<name>-bf16), as hub checkpoints ship")
     parser.add_argument("--quality", action="store_true",
-                        help="also build the quality benchmark's tasks (data/quality/: sentiment, topic, pair)")
+                        help="also build the quality benchmark's tasks (data/quality/: sentiment, topic, pair, entailment, chat)")
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

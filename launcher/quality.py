@@ -49,6 +49,8 @@ TASKS = {
                   data=_splits("topic", max_length=128, max_train_examples=600)),
     "pair": dict(model=MINILM, task="classification", num_labels=3,
                  data=_splits("pair", text_pair_field="text_pair", max_length=96, max_train_examples=1200)),
+    "entailment": dict(model=MINILM, task="classification", num_labels=2,
+                       data=_splits("entailment", text_pair_field="text_pair", max_length=96)),
 }
 COMMON = dict(precision="bf16", deepspeed="zero3", nproc=1, epochs=2, global_batch_size=16, micro_batch_size=16,
               weight_decay=0.01, warmup_ratio=0.06, eval_before=False, log_every=10)

