@@ -36,7 +36,7 @@ def parse_args(argv):
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a recipe value, dotted for sections (data.test_path=...); repeatable")
     parser.add_argument("--split", choices=("eval", "test"), help="evaluate the recipe's held-out or test split")
-    parser.add_argument("--multiple-choice", metavar="FILE", help='jsonl rows {"context", "choices", "label"}')
+    parser.add_argument("--multiple-choice", metavar="FILE", help='jsonl rows {"context" or "messages", "choices", "label"}')
     parser.add_argument("--generation", metavar="FILE", help='jsonl rows {"prompt", "answer"}: greedy, exact match')
     parser.add_argument("--max-new-tokens", type=int, help="generation length (default: eval.max_new_tokens, 64)")
     parser.add_argument("--max-examples", type=int, help="cap on the multiple-choice and generation rows")

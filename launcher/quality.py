@@ -33,6 +33,7 @@ import yaml
 HOME = Path(os.environ.get("LOR2C_DS_HOME", Path.home() / ".cache" / "lor2c_ds"))
 QUALITY = HOME / "data" / "quality"
 MINILM = str(HOME / "models" / "all-MiniLM-L6-v2")
+SMOLLM2 = str(HOME / "models" / "SmolLM2-135M-Instruct-bf16")  # a bf16 checkpoint, as hub ones are
 
 
 def _splits(task: str, **data) -> dict:
@@ -51,7 +52,15 @@ TASKS = {
                  data=_splits("pair", text_pair_field="text_pair", max_length=96, max_train_examples=1200)),
     "entailment": dict(model=MINILM, task="classification", num_labels=2,
                        data=_splits("entailment", text_pair_field="text_pair", max_length=96)),
+    # the decoder: perplexity on held-out conversations (loss on the replies), and bigbench's
+    # hhh_alignment replies as chat multiple choice (does tuning keep the better reply preferred?)
+    "chat": dict(model=SMOLLM2, task="chat", epochs=1,
+                 data=_splits("chat", max_length=128, max_train_examples=320, loss_on="response",
+                              on_bad_rows="skip"),
+                 eval={"multiple_choice_path": str(QUALITY / "chat" / "multiple_choice_short.jsonl")}),
 }
+# a second number reported for a task: (row of the run, metric)
+SECONDARY = {"chat": ("validation", "mc_accuracy")}
 COMMON = dict(precision="bf16", deepspeed="zero3", nproc=1, epochs=2, global_batch_size=16, micro_batch_size=16,
               weight_decay=0.01, warmup_ratio=0.06, eval_before=False, log_every=10)
 ADAPTER = dict(r=8, alpha=16, dropout=0.1)
@@ -90,7 +99,7 @@ def adapter_of(name: str) -> dict:
 
 def recipe(task: str, method: str, lr: float, seed: int, out: Path) -> dict:
     spec = TASKS[task]
-    return {**spec, **COMMON, "adapter": adapter_of(method), "lr": lr, "seed": seed,
+    return {**COMMON, **spec, "adapter": adapter_of(method), "lr": lr, "seed": seed,
             "output_dir": str(out), "overwrite_output_dir": True}
 
 
@@ -159,8 +168,14 @@ def table(results: dict, tasks: list[str], methods: list[str], lrs: list[float],
                 how = ", ".join(f"{x:g}: {results[_key(task, method, x, seeds[0])]['validation'][metric]:.4f}"
                                 for x in sorted(lrs))
             minutes = statistics.mean(r["minutes"] for r in runs)
-            lines.append(f"| {task} | {method} | {runs[-1]['trainable']:,d} | {metric} {statistics.mean(values):.4f}"
-                         f" ± {sd:.4f} | {len(values)} | {lr:g} ({how}) | {minutes:.1f} |")
+            shown = f"{metric} {statistics.mean(values):.4f} ± {sd:.4f}"
+            if task in SECONDARY:
+                row, name = SECONDARY[task]
+                extra = [r[row][name] for r in runs]
+                shown += (f"; {name} ({row}) {statistics.mean(extra):.4f}"
+                          f" ± {statistics.stdev(extra) if len(extra) > 1 else 0.0:.4f}")
+            lines.append(f"| {task} | {method} | {runs[-1]['trainable']:,d} | {shown} | {len(values)} | "
+                         f"{lr:g} ({how}) | {minutes:.1f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -58,7 +58,7 @@ class EvalConfig:
 
     best_metric: str | None = None  # e.g. accuracy, f1, mcc, pearson, spearman, perplexity, loss
     best_mode: str = "auto"  # max | min | auto (min for loss and perplexity, max otherwise)
-    multiple_choice_path: str | None = None  # jsonl rows {"context", "choices": [...], "label": i}
+    multiple_choice_path: str | None = None  # jsonl rows {"context" or "messages", "choices": [...], "label": i}
     generation_path: str | None = None  # jsonl rows {"prompt", "answer"}; greedy decoding, exact match
     max_new_tokens: int = 64
     max_examples: int | None = None  # cap for the multiple-choice and generation sets

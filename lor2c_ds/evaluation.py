@@ -258,11 +258,25 @@ def _row_error(path, row: dict, what: str) -> EvalDataError:
     return EvalDataError(f"{path}, line {row['_line']}: {what}")
 
 
+def _well_formed_messages(messages) -> bool:
+    return isinstance(messages, list) and bool(messages) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        for m in messages)
+
+
 def load_multiple_choice(path, max_examples: int | None = None) -> list[dict]:
-    """Rows {"context": str, "choices": [str, ...], "label": int}, checked."""
-    rows = load_jsonl_rows(path, ("context", "choices", "label"))[:max_examples]
+    """Rows {"context": str, "choices": [str, ...], "label": int}, or chat rows with "messages" (a list
+    of {"role", "content"}) in place of "context": the choices are then replies to that conversation."""
+    rows = load_jsonl_rows(path, ("choices", "label"))[:max_examples]
     for row in rows:
-        if not isinstance(row["context"], str):
+        if "context" in row and "messages" in row:
+            raise _row_error(path, row, "has both 'context' and 'messages'; give one")
+        if "messages" in row:
+            if not _well_formed_messages(row["messages"]):
+                raise _row_error(path, row, "'messages' must be a non-empty list of {role, content} texts")
+        elif "context" not in row:
+            raise _row_error(path, row, "needs a 'context' text or 'messages' (a chat conversation)")
+        elif not isinstance(row["context"], str):
             raise _row_error(path, row, f"'context' must be text, got {type(row['context']).__name__}")
         choices = row["choices"]
         if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
@@ -313,6 +327,16 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     return ctx, whole[len(ctx):]
 
 
+def _context_text(tokenizer, row: dict) -> str:
+    """A row's context: its text, or its conversation rendered by the chat template up to the reply."""
+    if "messages" not in row:
+        return row["context"]
+    if not getattr(tokenizer, "chat_template", None):
+        raise EvalDataError("multiple-choice rows in chat form need a tokenizer with a chat template "
+                            "(set data.chat_template to a Jinja template file)")
+    return tokenizer.apply_chat_template(row["messages"], tokenize=False, add_generation_prompt=True)
+
+
 def _loglikelihoods(model, device, pairs: list[tuple[list[int], list[int]]], pad_id: int) -> list[float]:
     """sum log p(continuation | context) for each (context ids, continuation ids), in one padded batch."""
     seqs = [(ctx + cont)[:-1] for ctx, cont in pairs]
@@ -333,22 +357,24 @@ def _loglikelihoods(model, device, pairs: list[tuple[list[int], list[int]]], pad
 def choice_loglikelihoods(model, tokenizer, rows: list[dict], batch_size: int = 8, *,
                           gather: bool = True) -> list[list[float]]:
     """sum log p(choice tokens | context) for every choice of every row, in row order, on every rank.
-    Rank r scores rows r::world, `batch_size` rows (all their choices) per forward pass, its shard
-    padded with filler rows so every rank runs the same forward passes."""
+    Rank r scores rows r::world, `batch_size` rows (all their choices) per forward pass, longest rows
+    first (less padding), its shard padded with filler rows so every rank runs the same forward passes."""
     rank, world = _rank_world() if gather else (0, 1)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = _device(model)
     shard = shard_rows(len(rows), rank, world)
+    encoded = {}
+    for i in set(shard):
+        row = rows[max(i, 0)]
+        context = _context_text(tokenizer, row)
+        encoded[i] = [encode_pair(tokenizer, context, choice) for choice in row["choices"]]
+    shard.sort(key=lambda i: -max(len(c) + len(t) for c, t in encoded[i]))
     scored = []
     with _EvalMode(model):
         for start in range(0, len(shard), batch_size):
             chunk = shard[start:start + batch_size]
-            pairs, owners = [], []
-            for i in chunk:
-                row = rows[max(i, 0)]
-                for choice in row["choices"]:
-                    pairs.append(encode_pair(tokenizer, row["context"], choice))
-                    owners.append(i)
+            pairs = [pair for i in chunk for pair in encoded[i]]
+            owners = [i for i in chunk for _ in encoded[i]]
             sums = _loglikelihoods(model, device, pairs, pad_id)
             scored += [(i, [s for s, o in zip(sums, owners) if o == i]) for i in chunk if i >= 0]
     return [lls for _, lls in sorted(x for part in _gather(scored, gather) for x in part)]

