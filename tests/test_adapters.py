@@ -319,6 +319,34 @@ def test_zero_init_is_exact_noop(family, method):
     assert not torch.allclose(logits(model, ids), want, atol=1e-4)
 
 
+def _down_projections(model: nn.Module) -> list[torch.Tensor]:
+    """Every A of the adapters (a shared A once), by name: lora_A of LoRA, LoR2C and ResLoRA, shared_A."""
+    return [p for n, p in model.named_parameters() if n.endswith("lora_A.weight") or ".shared_A." in n]
+
+
+@pytest.mark.parametrize("method,extra", [("lora", {}), ("lor2c", {}), ("share_lor2c", {}),
+                                          ("reslora", {}), ("lor2c", {"injections": 1})])
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_gaussian_init_draws_every_A_with_sd_one_over_rank_and_keeps_the_no_op(family, method, extra):
+    ids = make_input_ids()
+    want = logits(make_model(family), ids)
+    stats = {}
+    for init in ("kaiming", "gaussian"):
+        torch.manual_seed(0)
+        model = apply_adapters(make_model(family), AdapterConfig(method=method, r=4, init=init, **extra))
+        weights = _down_projections(model)
+        assert weights and all(w.requires_grad or extra for w in weights)
+        assert torch.equal(logits(model, ids), want)  # B = 0 either way
+        entries = torch.cat([w.detach().flatten() for w in weights])
+        stats[init] = (entries.std().item(), {w.shape[0] for w in weights}, weights)
+    sd, ranks, weights = stats["gaussian"]
+    expected = torch.cat([torch.full((w.numel(),), 1.0 / w.shape[0]) for w in weights])
+    assert sd == pytest.approx(expected.pow(2).mean().sqrt().item(), rel=0.1)
+    kaiming_sd, _, kaiming = stats["kaiming"]  # Kaiming-uniform: |entries| <= 1 / sqrt(d_in)
+    assert all(w.abs().max() <= 1 / w.shape[1] ** 0.5 for w in kaiming)
+    assert kaiming_sd < 0.6 * sd
+
+
 # ----------------------------------------------------------------------------------------------------
 # Parameter counts (METHOD.md): LoRA on a d_in -> d_out projection: r (d_in + d_out);
 # LoR2C: 2 r d per span; ShareLoR2C: r d per group + r d per span; + the task head (BERT classifier).

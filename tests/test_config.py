@@ -72,6 +72,13 @@ def test_dropout_range(dropout):
         AdapterConfig(dropout=dropout).validate()
 
 
+def test_unknown_init_is_refused_with_the_known_ones():
+    with pytest.raises(ConfigError, match=r"unknown adapter\.init 'orthogonal'; choose one of \['kaiming', 'gaussian'\]"):
+        AdapterConfig(init="orthogonal").validate()
+    assert AdapterConfig.from_dict({"init": "gaussian"}).init == "gaussian"
+    assert AdapterConfig().init == "kaiming"
+
+
 def test_span_out_of_range():
     cfg = AdapterConfig(spans=[[0, 1], [2, 3]])
     cfg.validate()  # fine without knowing the depth

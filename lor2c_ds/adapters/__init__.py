@@ -65,6 +65,8 @@ def apply_adapters(model: nn.Module, config: AdapterConfig, dtype: torch.dtype |
                                                      config.alpha, config.dropout):
                         lora.active = False
 
+    if config.init == "gaussian":
+        _gaussian_down_projections(model)
     _place_adapters(model, blocks, dtype)
     heads = config.modules_to_save if config.modules_to_save is not None else [
         h for h in spec.heads if hasattr(model, h)]
@@ -75,6 +77,19 @@ def apply_adapters(model: nn.Module, config: AdapterConfig, dtype: torch.dtype |
             raise ConfigError(f"adapter.modules_to_save names {name!r}, which the model does not have") from None
     model.adapter_config = config
     return model
+
+
+def _gaussian_down_projections(model: nn.Module) -> None:
+    """Every A (rank x d_in; a shared A once) drawn from N(0, 1 / rank^2), as PEFT's "gaussian" init."""
+    seen = {}
+    for module in model.modules():
+        if isinstance(module, (LoRA, ResLoRA)):
+            seen[id(module.lora_A.weight)] = module.lora_A.weight
+        elif isinstance(module, LoR2CAdapter):
+            seen[id(module.down.weight)] = module.down.weight
+    with torch.no_grad():
+        for weight in seen.values():
+            nn.init.normal_(weight, std=1.0 / weight.shape[0])
 
 
 def _place_adapters(model: nn.Module, blocks: nn.ModuleList, dtype: torch.dtype | None) -> None:

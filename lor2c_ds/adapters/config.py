@@ -100,6 +100,9 @@ def check_fields(obj, prefix: str, bounds: dict[str, Bound]) -> None:
             raise ConfigError(f"{prefix}{spec.name} must be {_describe(hint, bound)}, got {value!r}")
 
 
+INITS = ("kaiming", "gaussian")
+
+
 @dataclass
 class AdapterConfig:
     """What to attach and where.
@@ -107,6 +110,9 @@ class AdapterConfig:
     method: "lora" (LoRA on `targets`), "lor2c" (one low-rank shortcut per span) or "share_lor2c"
         (LoR2C whose spans share the down-projection A within each share group).
     r, alpha, dropout: rank, scaling numerator (s = alpha / r) and dropout on the adapter input.
+    init: how every down-projection A starts: "kaiming" (Kaiming-uniform, a = sqrt 5: entries of
+        sd 1 / sqrt(3 d_in), as LoRA) or "gaussian" (N(0, 1 / rank^2), PEFT's init_lora_weights=
+        "gaussian"); B starts at zero either way, so the model is unchanged at step 0.
     targets: LoRA projections by short name (q, k, v, o, gate, up, down; see the registry).
     spans: LoR2C spans as [start, end] block indices (inclusive); None means one per block.
     share_groups: ShareLoR2C groups as lists of span start blocks; None means all spans in one group.
@@ -128,6 +134,7 @@ class AdapterConfig:
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
+    init: str = "kaiming"
     targets: list[str] | None = None
     spans: list[list[int]] | None = None
     share_groups: list[list[int]] | None = None
@@ -182,6 +189,8 @@ class AdapterConfig:
             raise ConfigError(f"adapter.alpha must be a positive number, got {self.alpha!r}")
         if not (0.0 <= float(self.dropout) < 1.0):
             raise ConfigError(f"adapter.dropout must be in [0, 1), got {self.dropout!r}")
+        if self.init not in INITS:
+            raise ConfigError(f"unknown adapter.init {self.init!r}; choose one of {list(INITS)}")
         self._check_reslora()
         self._check_events(num_blocks)
         if self.method in ("lora", "reslora"):
