@@ -204,13 +204,13 @@ def _streamed_logits(adapter_dir: Path, base: Path, exported: Path, plan, batche
 
 
 def parity(adapter_dir: Path, base: Path, exported: Path, plan, train_cfg, n: int,
-           exported_dtype: torch.dtype, converted: dict | None = None, base_keys: dict | None = None,
+           exported_dtype: torch.dtype, converted=None, base_keys: dict | None = None,
            mode: str = "streamed") -> dict | None:
     """The trained model (base + adapters, as training computed it) against the export, one at a time.
 
     mode "streamed" (default) never holds a whole model: weights are read one unit (block, embedding,
     head) at a time (streamed.py); where that cannot run, it says so in the log and loads whole models
-    ("whole", also selectable). `converted`: base tensors the merge already holds under model names;
+    ("whole", also selectable). `converted`: the merge's ConvertedTensors (base tensors stored converted);
     `base_keys`: model key -> base checkpoint key (the merge's mapping)."""
     if n <= 0:
         return None

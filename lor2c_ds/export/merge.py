@@ -17,6 +17,7 @@ from ..adapters import CONFIG_NAME, WEIGHTS_NAME, AdapterConfig, apply_adapters
 from ..adapters.config import ConfigError
 from ..config import model_kind
 from ..registry import UnsupportedArchitectureError
+from .converted import converted_tensors
 from .load import SECTION, auto_class, model_config, parity
 from .portable import write_portable
 from .safetensors_io import INDEX_NAME, ExportError, _base_tensors, _parse_size, _read_tensor, _write_shard
@@ -307,16 +308,6 @@ def _write_peft(plan: Plan, base: Path, target: Path) -> str | None:
     return None
 
 
-def _converted_base_tensors(base: Path, plan: Plan, keys: list[str]) -> dict[str, torch.Tensor]:
-    """Tensors the base checkpoint stores under other names or layouts (transformers converts them when
-    it loads: MoE experts saved one per file key, fused on load). Loads the base model once, in memory."""
-    log.info("%d tensors are stored converted in %s (e.g. %s): loading it through transformers",
-             len(keys), base, keys[0])
-    model = auto_class(plan.task).from_pretrained(base, config=plan.hf_config)
-    state = model.state_dict()
-    return {k: state[k].detach().clone() for k in keys if k in state}
-
-
 def check_out(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise ExportError(f"output {out} exists and is not a directory")
@@ -359,7 +350,7 @@ def export(checkpoint: str | os.PathLike, base: str | os.PathLike, out: str | os
         elif key in mapped:
             sources[key] = ("base", mapped[key])
     lacking = [k for k in plan.backbone if k not in sources and not any(a in sources for a in aliases.get(k, ()))]
-    converted = _converted_base_tensors(base, plan, lacking) if lacking else {}
+    converted = converted_tensors(base, plan, lacking, base_tensors) if lacking else None
     for key in lacking:
         if key not in converted:
             raise ExportError(f"{key} is in neither the base checkpoint {base} nor the adapter weights")
@@ -378,7 +369,7 @@ def export(checkpoint: str | os.PathLike, base: str | os.PathLike, out: str | os
         if kind == "base":
             _, src_dtype, shape = base_tensors[src]
         elif kind == "converted":
-            src_dtype, shape = converted[src].dtype, tuple(converted[src].shape)
+            src_dtype, shape = converted.specs[src]
         else:
             src_dtype, shape = plan.adapter_state[src].dtype, tuple(plan.adapter_state[src].shape)
             if kind == "adapter" and key in mapped:
@@ -392,8 +383,8 @@ def export(checkpoint: str | os.PathLike, base: str | os.PathLike, out: str | os
         if kind == "adapter":
             t = plan.adapter_state[src]
             return cast(t) if out_dtype or key not in mapped else t.to(base_tensors[mapped[key]][1])
-        if kind == "converted":
-            src_dtype, t = converted[src].dtype, converted[src]
+        if kind == "converted":  # built now from the base's files (or taken from the whole-model load)
+            src_dtype, t = converted.specs[src][0], converted.read(src)
         else:
             file, src_dtype, _ = base_tensors[src]
             t = _read_tensor(file, src)
@@ -445,6 +436,8 @@ def export(checkpoint: str | os.PathLike, base: str | os.PathLike, out: str | os
             "peft": PEFT_SUBDIR if peft_skipped is None else None, "peft_skipped": peft_skipped,
             "shards": names, "total_bytes": total,
         }
+        if converted is not None:
+            report["converted_tensors"] = converted.report()
         del plan.model
         report["parity"] = parity(adapter_dir, base, tmp, plan, train_cfg, parity_batches,
                                   exported_dtype=out_dtype or base_dtype, converted=converted, base_keys=mapped)

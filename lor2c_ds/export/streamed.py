@@ -7,6 +7,8 @@ Design (issue #16 item 2: peak host memory of lor2c-export bounded by its larges
   are computed as usual). Neither accelerate (not a dependency) nor transformers 5's own loading is needed.
 - Adapters are small and stay resident: attached to the skeleton as `load_adapters` attaches them, then
   their tensors (and a trained task head) are assigned. LoR2C shortcuts of an export likewise.
+- Base tensors the checkpoint stores converted (MoE experts one per key, fused by transformers) are read
+  like the others, per unit: converted.py builds each from the base's files when its unit runs.
 - Every other parameter belongs to a unit: a block of the block list, or a subtree hanging off a module on
   the path from the root to the block list (embeddings, final norm, head, pooler...). A forward pre-hook
   on the unit's root reads the unit's tensors (`read_tensor`, cast to the parameter's dtype) and a forward
@@ -277,10 +279,6 @@ def _file_sources(files: dict[str, tuple[Path, str]]) -> dict[str, Callable]:
     return {k: partial(read_tensor, path, stored) for k, (path, stored) in files.items()}
 
 
-def _held(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return t.to(dtype) if t.is_floating_point() else t
-
-
 def _assign(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Make the given parameters real, in the dtype the model has for them (as load_adapters copies them)."""
     params = dict(model.named_parameters())
@@ -295,9 +293,10 @@ def _check_adapters_real(model: nn.Module, backbone: set[str], where: Path) -> N
 
 
 def reference_model(adapter_dir: Path, base: Path, build: Callable[[], nn.Module], base_keys: dict[str, str],
-                    converted: dict | None = None, dtype: torch.dtype = torch.float32) -> StreamedModel:
+                    converted=None, dtype: torch.dtype = torch.float32) -> StreamedModel:
     """The trained model (base weights + adapters) as `load_adapters` builds it, streamed from `base`.
-    build(): the model from its config; base_keys: model key -> base checkpoint key."""
+    build(): the model from its config; base_keys: model key -> base checkpoint key; converted: the
+    merge's ConvertedTensors (converted.py), read per unit like the base's own tensors."""
     from safetensors.torch import load_file
 
     from ..adapters import CONFIG_NAME, WEIGHTS_NAME, AdapterConfig, apply_adapters, set_layout
@@ -322,8 +321,8 @@ def reference_model(adapter_dir: Path, base: Path, build: Callable[[], nn.Module
     _check_adapters_real(model, backbone, adapter_dir)
     files = {k: path for k, (path, _, _) in _base_tensors(base).items()}
     sources = _file_sources({k: (files[src], src) for k, src in base_keys.items() if k not in state and src in files})
-    for k, t in (converted or {}).items():  # stored under other names in the base (fused MoE experts)
-        sources.setdefault(k, partial(_held, t))
+    for k in converted.keys() if converted is not None else ():  # stored converted (fused MoE experts)
+        sources.setdefault(k, partial(converted.read, k))
     return StreamedModel(model, sources, backbone - set(state))
 
 
