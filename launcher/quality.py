@@ -55,7 +55,7 @@ TASKS = {
     # the decoder: perplexity on held-out conversations (loss on the replies), and bigbench's
     # hhh_alignment replies as chat multiple choice (does tuning keep the better reply preferred?)
     "chat": dict(model=SMOLLM2, task="chat", epochs=1,
-                 data=_splits("chat", max_length=128, max_train_examples=320, loss_on="response",
+                 data=_splits("chat", max_length=128, max_train_examples=192, loss_on="response",
                               on_bad_rows="skip"),
                  eval={"multiple_choice_path": str(QUALITY / "chat" / "multiple_choice_short.jsonl")}),
 }

