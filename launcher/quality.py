@@ -83,6 +83,7 @@ ABLATIONS = {
     "LoR2C r 16": ("LoR2C", {"r": 16, "alpha": 32}),
     "LoRA r 4": ("LoRA", {"r": 4, "alpha": 8}),
     "LoR2C init gaussian": ("LoR2C", {"init": "gaussian"}),  # A ~ N(0, 1/r^2): 4.3x Kaiming's sd at d 384
+    "LoR2C delta before norm": ("LoR2C", {"delta_at": "output.LayerNorm"}),  # BERT: inside the block's last norm
     "MergeLoR2C": ("LoR2C", {"merges": 2}),  # IMLoR2C's two mechanisms one at a time
     "InjectLoR2C": ("LoR2C", {"injections": 2}),
 }

@@ -126,6 +126,9 @@ class TrainConfig:
         if self.data.streaming and self.data.on_bad_rows != "skip":
             raise ConfigError("data.streaming reads rows lazily, so bad rows can only be skipped and counted: "
                               "set data.on_bad_rows: skip")
+        if self.activation_checkpointing and self.adapter.delta_at is not None:
+            raise ConfigError("adapter.delta_at adds the LoR2C delta inside the block, which activation "
+                              "checkpointing recomputes without it; use one or the other")
         if self.task == "regression" and self.num_labels != 1:
             raise ConfigError(f"task regression predicts one value: num_labels must be 1, got {self.num_labels}")
         if self.data.labels is not None and self.task == "classification" and len(self.data.labels) != self.num_labels:

@@ -12,7 +12,7 @@ from torch import nn
 
 from conftest import (FAMILIES, TINY_HEADS, TINY_HIDDEN, TINY_INTERMEDIATE, TINY_KV_HEADS, TINY_LABELS,
                       TINY_LAYERS, make_input_ids, make_model)
-from lor2c_ds import (AdapterConfig, apply_adapters, trainable_summary)
+from lor2c_ds import (AdapterConfig, ConfigError, apply_adapters, trainable_summary)
 from lor2c_ds.registry import find_blocks, spec_for
 
 D, L = TINY_HIDDEN, TINY_LAYERS
@@ -196,6 +196,57 @@ def test_lor2c_bert_matches_manual_loop(spans, method):
         want = bert_reference(base, ids, adapters_of(model, alpha, r))
     assert not torch.allclose(got, base_out, atol=1e-3)  # the shortcuts change the output
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def _bert_block_with_delta_before_its_last_norm(block, h, delta):
+    """A BERT block by hand, the delta added to the input of its output LayerNorm (dropout is off)."""
+    attn = block.attention(h)[0]
+    out = block.output
+    return out.LayerNorm(out.dense(block.intermediate(attn)) + attn + delta)
+
+
+@pytest.mark.parametrize("spans", [None, [[0, 1], [2, 2]]], ids=["default", "0-1+2"])
+def test_lor2c_delta_at_a_submodule_input_matches_a_manual_bert_loop(spans):
+    """adapter.delta_at names a module inside the end block: the delta joins that module's input
+    (for BERT's output.LayerNorm: before the block's last norm) instead of the block's output."""
+    r, alpha = 4, 10.0
+    model = make_model("bert").eval()
+    base = copy.deepcopy(model)
+    ids = make_input_ids()
+    apply_adapters(model, AdapterConfig(r=r, alpha=alpha, spans=spans, delta_at="output.LayerNorm"))
+    randomize_B(model)
+    with torch.no_grad():
+        got = model.bert(input_ids=ids).last_hidden_state
+        h, saved = base.bert.embeddings(input_ids=ids), {}
+        by_end = {end: (start, A, B, s) for start, end, A, B, s in adapters_of(model, alpha, r)}
+        starts = {start for start, *_ in by_end.values()}
+        for i, block in enumerate(base.bert.encoder.layer):
+            if i in starts:
+                saved[i] = h
+            delta = 0.0
+            if i in by_end:
+                start, A, B, s = by_end[i]
+                delta = span_delta(saved.pop(start), A, B, s)
+            h = _bert_block_with_delta_before_its_last_norm(block, h, delta)
+        at_output = copy.deepcopy(base)
+        apply_adapters(at_output, AdapterConfig(r=r, alpha=alpha, spans=spans))
+        at_output.load_state_dict(model.state_dict())
+        other = at_output.bert(input_ids=ids).last_hidden_state
+    torch.testing.assert_close(got, h, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got, other, atol=1e-3)  # the place matters
+
+
+def test_delta_at_must_name_a_module_of_every_block_that_runs():
+    with pytest.raises(ConfigError, match=r"adapter\.delta_at 'output\.Nope' is not a module of block 0"):
+        apply_adapters(make_model("bert"), AdapterConfig(delta_at="output.Nope"))
+    with pytest.raises(ConfigError, match=r"adapter\.delta_at applies to lor2c methods, not lora"):
+        AdapterConfig(method="lora", delta_at="output.LayerNorm").validate()
+    model = make_model("bert")
+    for block in model.bert.encoder.layer:
+        block.unused = nn.Identity()  # a module of the block that its forward never calls
+    apply_adapters(model, AdapterConfig(delta_at="unused"))
+    with pytest.raises(RuntimeError, match=r"block 0's unused never ran: the LoR2C delta was not added"):
+        model(input_ids=make_input_ids())
 
 
 @pytest.mark.parametrize("spans", SPANS, ids=SPAN_IDS)

@@ -79,6 +79,19 @@ def test_unknown_init_is_refused_with_the_known_ones():
     assert AdapterConfig().init == "kaiming"
 
 
+def test_delta_at_and_activation_checkpointing_are_refused_together():
+    from lor2c_ds.config import TrainConfig
+
+    cfg = TrainConfig(model="m", output_dir="o", activation_checkpointing=True,
+                      adapter=AdapterConfig(delta_at="output.LayerNorm"))
+    cfg.data.path = "d.jsonl"
+    with pytest.raises(ConfigError, match=r"adapter\.delta_at adds the LoR2C delta inside the block, which "
+                                          r"activation checkpointing recomputes without it"):
+        cfg.validate()
+    cfg.activation_checkpointing = False
+    cfg.validate()
+
+
 def test_span_out_of_range():
     cfg = AdapterConfig(spans=[[0, 1], [2, 3]])
     cfg.validate()  # fine without knowing the depth

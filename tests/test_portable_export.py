@@ -39,7 +39,7 @@ for path, auto, inputs, out in json.loads(sys.argv[1]):
 # family -> adapter config of its export (ShareLoR2C and a MergeLoR2C-changed topology among them)
 ADAPTERS = {f: dict(method="lor2c", spans=[[0, 1], [2, 2]]) for f in FAMILIES}
 ADAPTERS["llama"] = dict(method="share_lor2c")
-ADAPTERS["bert"] = dict(method="share_lor2c", share_groups=[[0, 2], [1]])
+ADAPTERS["bert"] = dict(method="share_lor2c", share_groups=[[0, 2], [1]], delta_at="output.LayerNorm")
 MERGED = {"qwen3": {"0": [0, 1, True], "2": [2, 2, False]}}  # span 2 retired, span 0 unchanged
 
 

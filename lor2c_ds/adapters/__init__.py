@@ -53,7 +53,11 @@ def apply_adapters(model: nn.Module, config: AdapterConfig, dtype: torch.dtype |
     else:
         spans = config.resolved_spans(len(blocks))
         groups = config.resolved_groups(len(blocks)) if config.method == "share_lor2c" else None
-        stack = LoR2CStack(hidden, config.r, config.alpha, config.dropout, spans, groups)
+        for index, block in enumerate(blocks):
+            if config.delta_at is not None and not isinstance(_submodule(block, config.delta_at), nn.Module):
+                raise ConfigError(f"adapter.delta_at {config.delta_at!r} is not a module of block {index} "
+                                  f"({type(block).__name__})")
+        stack = LoR2CStack(hidden, config.r, config.alpha, config.dropout, spans, groups, config.delta_at)
         model.add_module("lor2c", stack)
         stack.attach(model, blocks)
         if config.injections:
@@ -77,6 +81,13 @@ def apply_adapters(model: nn.Module, config: AdapterConfig, dtype: torch.dtype |
             raise ConfigError(f"adapter.modules_to_save names {name!r}, which the model does not have") from None
     model.adapter_config = config
     return model
+
+
+def _submodule(module: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return module.get_submodule(path)
+    except AttributeError:
+        return None
 
 
 def _gaussian_down_projections(model: nn.Module) -> None:

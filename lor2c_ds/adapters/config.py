@@ -115,6 +115,8 @@ class AdapterConfig:
         "gaussian"); B starts at zero either way, so the model is unchanged at step 0.
     targets: LoRA projections by short name (q, k, v, o, gate, up, down; see the registry).
     spans: LoR2C spans as [start, end] block indices (inclusive); None means one per block.
+    delta_at: None adds a LoR2C delta to its end block's output (METHOD.md); a module path inside the
+        block (BERT: output.LayerNorm) adds it to that module's input instead (an ablation).
     share_groups: ShareLoR2C groups as lists of span start blocks; None means all spans in one group.
     modules_to_save: extra modules trained in full (the task head); None means the registry's head.
     reslora_variant, pre_num, merge_rule: ResLoRA (method "reslora", LoRA on `targets` with shortcuts
@@ -137,6 +139,7 @@ class AdapterConfig:
     init: str = "kaiming"
     targets: list[str] | None = None
     spans: list[list[int]] | None = None
+    delta_at: str | None = None
     share_groups: list[list[int]] | None = None
     modules_to_save: list[str] | None = None
     reslora_variant: str = "is"
@@ -196,6 +199,8 @@ class AdapterConfig:
         if self.method in ("lora", "reslora"):
             if self.spans is not None or self.share_groups is not None:
                 raise ConfigError(f"adapter.spans / adapter.share_groups apply to lor2c methods, not {self.method}")
+            if self.delta_at is not None:
+                raise ConfigError(f"adapter.delta_at applies to lor2c methods, not {self.method}")
             return
         if self.share_groups is not None and self.method != "share_lor2c":
             raise ConfigError("adapter.share_groups needs method: share_lor2c")

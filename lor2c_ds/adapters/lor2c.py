@@ -6,7 +6,9 @@ image of it to the hidden state that leaves block `end`:
     h_{end+1} = Block_end(... Block_start(h_start) ...) + s * B A D_p(h_start),    s = alpha / r
 
 A (r x d) Kaiming-uniform, B (d x r) zero: the model is unchanged at step 0. The delta is added after
-the block's own residual additions and norms, so it is part of the next block's input. The shortcut
+the block's own residual additions and norms, so it is part of the next block's input. `delta_at`
+(an ablation; METHOD.md places the delta at the output) names a module inside the block whose input
+receives it instead: `output.LayerNorm` in BERT adds it before the block's last norm. The shortcut
 cannot be folded into the backbone (the blocks are non-linear); it costs 2 r d multiply-adds per token.
 
 ShareLoR2C: all spans of a share group use one A (stored once, under `shared_A.<group>`) and keep
@@ -69,8 +71,9 @@ class LoR2CStack(nn.Module):
     """All LoR2C adapters of one model, and the hooks that route the residual stream to them."""
 
     def __init__(self, hidden: int, r: int, alpha: float, dropout: float,
-                 spans: list[tuple[int, int]], groups: list[list[int]] | None):
+                 spans: list[tuple[int, int]], groups: list[list[int]] | None, delta_at: str | None = None):
         super().__init__()
+        self.delta_at = delta_at
         self.shared_A = nn.ModuleDict()
         group_of: dict[int, nn.Linear] = {}
         for gi, starts in enumerate(groups or []):
@@ -103,6 +106,8 @@ class LoR2CStack(nn.Module):
         for index, block in enumerate(blocks):
             block.register_forward_pre_hook(partial(self._record, index), with_kwargs=True)
             block.register_forward_hook(partial(self._add, index))
+            if self.delta_at is not None:
+                block.get_submodule(self.delta_at).register_forward_pre_hook(partial(self._add_to_input, index))
 
     def topology(self) -> dict[str, list]:
         """{adapter key: [start, end, active]}: what a checkpoint must restore."""
@@ -129,18 +134,32 @@ class LoR2CStack(nn.Module):
         if index in self._starts:
             self._stream[index] = _hidden_of(args, kwargs)
 
-    def _add(self, index: int, block, args, output):
-        keys = self._ends.get(index, [])
-        retired = self._retired if index == self._last_block else []
-        if not keys and not retired:
-            return None
+    def _deltas(self, index: int):
+        """The sum of the deltas of the adapters that end at block `index` (their recorded inputs consumed)."""
         delta = None
-        if retired:
-            hidden = _hidden_of((output,) if isinstance(output, torch.Tensor) else output, {})
-            zero_input = hidden.new_zeros(1, hidden.shape[-1])
-            delta = torch.stack([a(zero_input).sum() for a in retired]).sum() * 0.0
-        for key in keys:
+        for key in self._ends.get(index, []):
             adapter = self.adapters[key]
             d = adapter(self._stream.pop(adapter.start))
             delta = d if delta is None else delta + d
+        return delta
+
+    def _add_to_input(self, index: int, module, args):
+        delta = self._deltas(index)
+        return None if delta is None else (args[0] + delta.to(args[0].dtype), *args[1:])
+
+    def _add(self, index: int, block, args, output):
+        keys = self._ends.get(index, [])
+        retired = self._retired if index == self._last_block else []
+        if self.delta_at is not None:  # added inside the block; here only check that it was
+            if any(self.adapters[k].start in self._stream for k in keys):
+                raise RuntimeError(f"block {index}'s {self.delta_at} never ran: the LoR2C delta was not added")
+            keys = []
+        if not keys and not retired:
+            return None
+        delta = self._deltas(index) if keys else None
+        if retired:
+            hidden = _hidden_of((output,) if isinstance(output, torch.Tensor) else output, {})
+            zero_input = hidden.new_zeros(1, hidden.shape[-1])
+            zero = torch.stack([a(zero_input).sum() for a in retired]).sum() * 0.0
+            delta = zero if delta is None else delta + zero
         return _add_to_output(output, delta)

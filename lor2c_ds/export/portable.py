@@ -47,7 +47,7 @@ class {new_class}({base_class}):
         stack = config.lor2c_export["stack"]
         groups = stack["groups"]
         self.lor2c = LoR2CStack(stack["hidden"], stack["r"], stack["alpha"], 0.0,
-                                [tuple(span) for span in stack["spans"]], groups)
+                                [tuple(span) for span in stack["spans"]], groups, stack.get("delta_at"))
         self.lor2c.set_topology(stack["topology"])
         self.lor2c.attach(self, self.get_submodule(stack["block_path"]))
 '''
@@ -103,7 +103,7 @@ def write_portable(plan, directory: Path) -> None:
     raw["lor2c_export"]["stack"] = {
         "hidden": int(plan.hf_config.hidden_size), "r": cfg.r, "alpha": cfg.alpha,
         "spans": [list(s) for s in cfg.resolved_spans(num_blocks)], "groups": groups,
-        "topology": stack.topology(), "block_path": _block_path(plan.model),
+        "topology": stack.topology(), "block_path": _block_path(plan.model), "delta_at": cfg.delta_at,
     }
     base_class, config_class = type(plan.model).__name__, type(plan.hf_config).__name__
     names = {"base_class": base_class, "config_class": config_class, "adapter_module": ADAPTER_FILE[:-3],
