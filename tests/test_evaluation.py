@@ -269,6 +269,11 @@ def test_multiple_choice_matches_a_plain_loop():
 
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'][0] }}: {{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}a:{% endif %}")
+CHAT_MC_ROWS = [
+    {"messages": [{"role": "user", "content": "hi"}], "choices": [" hello", " no"], "label": 0},
+    {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"},
+                  {"role": "user", "content": "and 3+3?"}], "choices": [" 6", " 7", " six"], "label": 0},
+]
 
 
 def test_chat_rows_are_scored_after_the_rendered_conversation():
@@ -278,10 +283,7 @@ def test_chat_rows_are_scored_after_the_rendered_conversation():
 
     model, tok = make_llama(), char_tokenizer()
     tok.chat_template = CHAT_TEMPLATE
-    rows = [{"messages": [{"role": "user", "content": "hi"}], "choices": [" hello", " no"], "label": 0},
-            {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"},
-                          {"role": "user", "content": "and 3+3?"}], "choices": [" 6", " 7", " six"], "label": 0},
-            MC_ROWS[0]]  # plain rows and chat rows mix
+    rows = [*CHAT_MC_ROWS, MC_ROWS[0]]  # plain rows and chat rows mix
     contexts = ["u: hi\na:", "u: 2+2?\na: 4\nu: and 3+3?\na:", MC_ROWS[0]["context"]]
     expected = [[manual_loglikelihood(model, tok, ctx, c) for c in r["choices"]] for ctx, r in zip(contexts, rows)]
     got = choice_loglikelihoods(model, tok, rows, batch_size=2)
@@ -435,6 +437,10 @@ def evaluate_all(dirs: dict, engine_for=None) -> dict:
         if task == "causal_lm":
             tok = char_tokenizer()
             out["loglikelihoods"] = ev.choice_loglikelihoods(model, tok, MC_ROWS, batch_size=2)
+            chat_tok = char_tokenizer()
+            chat_tok.chat_template = CHAT_TEMPLATE
+            out["chat_loglikelihoods"] = ev.choice_loglikelihoods(model, chat_tok, [*CHAT_MC_ROWS, *MC_ROWS],
+                                                                  batch_size=2)
             out.update(ev.evaluate_sets(model, tok, {"multiple_choice": MC_ROWS, "generation": GEN_ROWS},
                                         batch_size=2, max_new_tokens=MAX_NEW))
     return out
@@ -482,6 +488,11 @@ def test_two_ranks_under_zero3_equal_one_rank(tmp_path, model_dirs):
         assert two[task] == pytest.approx(one[task], rel=1e-5, abs=1e-6), task
     for a, b in zip(two["loglikelihoods"], one["loglikelihoods"]):
         assert a == pytest.approx(b, abs=1e-4)
+    assert len(two["chat_loglikelihoods"]) == len(CHAT_MC_ROWS) + len(MC_ROWS)  # in row order, chat rows first
+    for a, b in zip(two["chat_loglikelihoods"], one["chat_loglikelihoods"]):
+        assert a == pytest.approx(b, abs=1e-4)
+    for a, b in zip(one["chat_loglikelihoods"][len(CHAT_MC_ROWS):], one["loglikelihoods"]):
+        assert a == pytest.approx(b, abs=1e-4)  # other batches, other padding: the same sums
     for key in ("mc_accuracy", "mc_accuracy_norm", "mc_examples", "exact_match", "generation_examples",
                 "predictions"):
         assert two[key] == one[key], key
