@@ -71,13 +71,15 @@ METHODS = {
     "IMLoR2C": {"method": "lor2c", "merges": 2, "injections": 2},
     "ResLoRA-bs": {"method": "reslora", "reslora_variant": "bs", "targets": ["q", "v"]},
 }
-# one change to a method (adapter fields, or "lr"), trained at the learning rate chosen for that method
-# on the same task unless the change is the rate
+# one change to a method (adapter fields, or the recipe's "lr" or "epochs"), trained at the learning rate
+# chosen for that method on the same task unless the change is the rate
 ABLATIONS = {
     "LoR2C +pooler": ("LoR2C", {"modules_to_save": ["classifier", "bert.pooler"]}),
     "LoRA +pooler": ("LoRA", {"modules_to_save": ["classifier", "bert.pooler"]}),
     "LoR2C lr 4e-3": ("LoR2C", {"lr": 4e-3}),
     "LoRA lr 4e-3": ("LoRA", {"lr": 4e-3}),
+    "LoR2C 4 epochs": ("LoR2C", {"epochs": 4}),
+    "LoRA 4 epochs": ("LoRA", {"epochs": 4}),
     "LoR2C dropout 0": ("LoR2C", {"dropout": 0.0}),
     "LoR2C 2-block spans": ("LoR2C", {"spans": [[0, 1], [2, 3], [4, 5]]}),
     "LoR2C r 16": ("LoR2C", {"r": 16, "alpha": 32}),
@@ -87,6 +89,7 @@ ABLATIONS = {
     "MergeLoR2C": ("LoR2C", {"merges": 2}),  # IMLoR2C's two mechanisms one at a time
     "InjectLoR2C": ("LoR2C", {"injections": 2}),
 }
+RECIPE_CHANGES = ("lr", "epochs")  # an ablation's keys that are recipe fields, not adapter fields
 LOWER_IS_BETTER = {"perplexity", "loss"}
 
 
@@ -97,13 +100,14 @@ def metric_of(task: str) -> str:
 def adapter_of(name: str) -> dict:
     if name in ABLATIONS:
         base, change = ABLATIONS[name]
-        return {**ADAPTER, **METHODS[base], **{k: v for k, v in change.items() if k != "lr"}}
+        return {**ADAPTER, **METHODS[base], **{k: v for k, v in change.items() if k not in RECIPE_CHANGES}}
     return {**ADAPTER, **METHODS[name]}
 
 
 def recipe(task: str, method: str, lr: float, seed: int, out: Path) -> dict:
     spec = TASKS[task]
-    return {**COMMON, **spec, "adapter": adapter_of(method), "lr": lr, "seed": seed,
+    changed = {k: v for k, v in ABLATIONS[method][1].items() if k == "epochs"} if method in ABLATIONS else {}
+    return {**COMMON, **spec, **changed, "adapter": adapter_of(method), "lr": lr, "seed": seed,
             "output_dir": str(out), "overwrite_output_dir": True}
 
 

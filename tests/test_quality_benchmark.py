@@ -5,6 +5,7 @@ import io
 import json
 import tarfile
 import zipfile
+from pathlib import Path
 
 import pytest
 
@@ -301,3 +302,11 @@ def test_the_chat_rows_report_perplexity_and_the_multiple_choice_accuracy():
     rows = quality.table(results, ["chat"], ["LoRA"], [2e-3], [1, 2]).splitlines()[2:]
     assert rows == ["| chat | LoRA | 100 | perplexity 22.0000 ± 1.4142; mc_accuracy (validation) 0.6500 ± 0.0707 "
                     "| 2 | 0.002 (0.002: 20.0000) | 2.0 |"]
+
+
+def test_an_ablation_of_the_budget_changes_the_epochs_and_nothing_else():
+    base = quality.recipe("entailment", "LoR2C", 2e-3, 1, Path("/o"))
+    longer = quality.recipe("entailment", "LoR2C 4 epochs", 2e-3, 1, Path("/o"))
+    assert {k for k in base if base[k] != longer[k]} == {"epochs"} and longer["epochs"] == 4
+    assert quality.chosen_lr({"entailment|LoR2C|0.002|1": _run(0.9, 0.9)}, "entailment", "LoR2C 4 epochs",
+                             [2e-3], 1) == 2e-3
