@@ -43,7 +43,7 @@ def preflight(cfg, env=os.environ) -> None:
     from lor2c_ds.checkpoint import check_resume, latest_complete
     from lor2c_ds.config import model_kind
     from lor2c_ds.data import prepare_data
-    from lor2c_ds.evaluation import EvalDataError, load_eval_sets, metric_names
+    from lor2c_ds.evaluation import EvalDataError, check_chat_rows, load_eval_sets, metric_names
     from lor2c_ds.registry import UnsupportedArchitectureError, check_adaptable
 
     from . import preflight_checks as checks
@@ -67,7 +67,7 @@ def preflight(cfg, env=os.environ) -> None:
     tokenizer = checks.load_tokenizer_checked(model_dir)
     engine.build_ds_config(cfg, world, 1)  # the JSON and the keys the recipe owns; steps only shape the schedule
     try:
-        load_eval_sets(cfg.eval.multiple_choice_path, cfg.eval.generation_path, cfg.eval.max_examples)
+        scored = load_eval_sets(cfg.eval.multiple_choice_path, cfg.eval.generation_path, cfg.eval.max_examples)
     except EvalDataError as e:
         field = "eval.multiple_choice_path" if cfg.eval.multiple_choice_path and cfg.eval.multiple_choice_path \
             in str(e) else "eval.generation_path"
@@ -91,6 +91,10 @@ def preflight(cfg, env=os.environ) -> None:
         pass  # an unreadable run state: the next check names it
     checks.check_resume(cfg)  # older checkpoints: the recipe recorded in train_config.json
     data = prepare_data(cfg, tokenizer)  # every data error, before any rank starts
+    try:  # after prepare_data, which gives a chat task's tokenizer data.chat_template
+        check_chat_rows(tokenizer, scored["multiple_choice"] or [])
+    except EvalDataError as e:
+        raise ConfigError(f"eval.multiple_choice_path {cfg.eval.multiple_choice_path}: {e}") from None
     checks.check_lengths(cfg, model_config, data)
     checks.check_labels(cfg, data)
     checks.check_schedule(cfg, data)

@@ -327,13 +327,18 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     return ctx, whole[len(ctx):]
 
 
+def check_chat_rows(tokenizer, rows: list[dict]) -> None:
+    """Multiple-choice rows in chat form can only be scored with a chat template: say so before any work."""
+    if any("messages" in row for row in rows) and not getattr(tokenizer, "chat_template", None):
+        raise EvalDataError("multiple-choice rows in chat form need a tokenizer with a chat template "
+                            "(set data.chat_template to a Jinja template file)")
+
+
 def _context_text(tokenizer, row: dict) -> str:
     """A row's context: its text, or its conversation rendered by the chat template up to the reply."""
     if "messages" not in row:
         return row["context"]
-    if not getattr(tokenizer, "chat_template", None):
-        raise EvalDataError("multiple-choice rows in chat form need a tokenizer with a chat template "
-                            "(set data.chat_template to a Jinja template file)")
+    check_chat_rows(tokenizer, [row])
     return tokenizer.apply_chat_template(row["messages"], tokenize=False, add_generation_prompt=True)
 
 

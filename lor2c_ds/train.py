@@ -29,7 +29,8 @@ from .registry import find_blocks, spec_for
 from .callbacks import Callback
 from .preemption import PreemptionCallback
 from .config import TrainConfig, model_kind
-from .evaluation import evaluate, evaluate_sets, load_eval_sets, metric_direction, scored_labels, summed_loss
+from .evaluation import (check_chat_rows, evaluate, evaluate_sets, load_eval_sets, metric_direction,
+                         scored_labels, summed_loss)
 from .data import PreparedData, StreamShard, eval_loader, model_inputs, prepare_data, stream_loader, train_loader
 
 log = logging.getLogger(__name__)
@@ -396,6 +397,7 @@ def run(cfg: TrainConfig, rank: int, world: int, callbacks: list[Callback] | Non
     state.metrics = MetricsLog(out, enabled=rank == 0)
     evals = eval_loader(data.eval, data.collator, cfg.micro_batch_size, rank, world)
     scored_sets = load_eval_sets(cfg.eval.multiple_choice_path, cfg.eval.generation_path, cfg.eval.max_examples)
+    check_chat_rows(tokenizer, scored_sets["multiple_choice"] or [])  # now, not after training
 
     def held_out() -> dict:  # the held-out split, then the multiple-choice and generation sets
         values = evaluate(state.engine, evals, cfg.task)

@@ -241,6 +241,15 @@ def test_broken_multiple_choice_file(case, tmp_path):
     assert str(path) in line
 
 
+def test_chat_form_multiple_choice_needs_a_chat_template_before_training(case, tmp_path):
+    path = tmp_path / "mc.jsonl"
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}], "choices": ["a", "b"],
+                                "label": 0}) + "\n")
+    line = case({"eval.multiple_choice_path": str(path)}, "in chat form need a tokenizer with a chat template",
+                "eval.multiple_choice_path")
+    assert str(path) in line
+
+
 # -- resuming --------------------------------------------------------------------------------------
 
 def _checkpointed_run(out: Path, saved_recipe: dict, run_state: str = '{"step": 1, "epoch": 0}') -> None:
