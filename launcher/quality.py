@@ -80,6 +80,7 @@ ABLATIONS = {
     "LoRA lr 4e-3": ("LoRA", {"lr": 4e-3}),
     "LoR2C 4 epochs": ("LoR2C", {"epochs": 4}),
     "LoRA 4 epochs": ("LoRA", {"epochs": 4}),
+    "IMLoR2C 4 epochs": ("IMLoR2C", {"epochs": 4}),
     "LoR2C dropout 0": ("LoR2C", {"dropout": 0.0}),
     "LoR2C 2-block spans": ("LoR2C", {"spans": [[0, 1], [2, 3], [4, 5]]}),
     "LoR2C r 16": ("LoR2C", {"r": 16, "alpha": 32}),
