@@ -111,29 +111,37 @@ def _topic_rows(files: dict[str, bytes]) -> list[dict]:
     return rows
 
 
-def _pair_rows(files: dict[str, bytes]) -> list[dict]:
+def _bigbench_pairs(files: dict[str, bytes], split) -> list[dict]:
+    """A bigbench task's examples as distinct {"text", "text_pair", "label"} rows: `split(input)` gives
+    the two texts (None skips the example), the label is the choice of highest target score."""
     (data,) = files.values()
     seen, rows = set(), []
     for ex in json.loads(data)["examples"]:
-        evidence, sep, claim = ex["input"].rpartition("\nClaim: ")
-        label = max(ex["target_scores"], key=ex["target_scores"].get)
-        if sep and (evidence, claim) not in seen:
-            seen.add((evidence, claim))
-            rows.append({"text": evidence.strip(), "text_pair": claim.strip(), "label": label})
+        pair = split(ex["input"])
+        if pair is not None and pair not in seen:
+            seen.add(pair)
+            rows.append({"text": pair[0], "text_pair": pair[1],
+                         "label": max(ex["target_scores"], key=ex["target_scores"].get)})
     return rows
+
+
+def _evidence_and_claim(text: str):
+    evidence, sep, claim = text.rpartition("\nClaim: ")
+    return (evidence.strip(), claim.strip()) if sep else None
+
+
+def _premise_and_hypothesis(text: str):
+    premise, sep, hypothesis = text.partition(" Hypothesis: ")
+    return (premise.removeprefix("Premise: ").strip(), hypothesis.strip()) \
+        if sep and premise.startswith("Premise: ") else None
+
+
+def _pair_rows(files: dict[str, bytes]) -> list[dict]:
+    return _bigbench_pairs(files, _evidence_and_claim)
 
 
 def _entailment_rows(files: dict[str, bytes]) -> list[dict]:
-    (data,) = files.values()
-    seen, rows = set(), []
-    for ex in json.loads(data)["examples"]:
-        premise, sep, hypothesis = ex["input"].partition(" Hypothesis: ")
-        label = max(ex["target_scores"], key=ex["target_scores"].get)
-        if sep and premise.startswith("Premise: ") and (premise, hypothesis) not in seen:
-            seen.add((premise, hypothesis))
-            rows.append({"text": premise.removeprefix("Premise: ").strip(), "text_pair": hypothesis.strip(),
-                         "label": label})
-    return rows
+    return _bigbench_pairs(files, _premise_and_hypothesis)
 
 
 def _chat_rows(files: dict[str, bytes]) -> list[dict]:
