@@ -334,12 +334,14 @@ def check_chat_rows(tokenizer, rows: list[dict]) -> None:
                             "(set data.chat_template to a Jinja template file)")
 
 
+def _rendered(tokenizer, messages: list[dict]) -> str:
+    """A conversation as the chat template writes it, up to the start of the assistant's reply."""
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
 def _context_text(tokenizer, row: dict) -> str:
     """A row's context: its text, or its conversation rendered by the chat template up to the reply."""
-    if "messages" not in row:
-        return row["context"]
-    check_chat_rows(tokenizer, [row])
-    return tokenizer.apply_chat_template(row["messages"], tokenize=False, add_generation_prompt=True)
+    return _rendered(tokenizer, row["messages"]) if "messages" in row else row["context"]
 
 
 def _loglikelihoods(model, device, pairs: list[tuple[list[int], list[int]]], pad_id: int) -> list[float]:
@@ -368,6 +370,7 @@ def choice_loglikelihoods(model, tokenizer, rows: list[dict], batch_size: int = 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = _device(model)
     shard = shard_rows(len(rows), rank, world)
+    check_chat_rows(tokenizer, rows)
     encoded = {}
     for i in set(shard):
         row = rows[max(i, 0)]
@@ -438,9 +441,7 @@ def extract_answer(text: str) -> str:
 def encode_prompt(tokenizer, prompt: str) -> list[int]:
     """The prompt as a user turn of the tokenizer's chat template (with the generation prompt), else as is."""
     if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
-        return _encode(tokenizer, text)
+        return _encode(tokenizer, _rendered(tokenizer, [{"role": "user", "content": prompt}]))
     return tokenizer(prompt)["input_ids"]
 
 

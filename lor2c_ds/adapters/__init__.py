@@ -53,8 +53,8 @@ def apply_adapters(model: nn.Module, config: AdapterConfig, dtype: torch.dtype |
     else:
         spans = config.resolved_spans(len(blocks))
         groups = config.resolved_groups(len(blocks)) if config.method == "share_lor2c" else None
-        for index, block in enumerate(blocks):
-            if config.delta_at is not None and not isinstance(_submodule(block, config.delta_at), nn.Module):
+        for index, block in enumerate(blocks if config.delta_at is not None else []):
+            if not isinstance(_submodule(block, config.delta_at), nn.Module):
                 raise ConfigError(f"adapter.delta_at {config.delta_at!r} is not a module of block {index} "
                                   f"({type(block).__name__})")
         stack = LoR2CStack(hidden, config.r, config.alpha, config.dropout, spans, groups, config.delta_at)
